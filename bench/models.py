@@ -1,0 +1,87 @@
+"""Model factory: the assignment's TinyCNN and its improvement-matrix variants.
+
+`build_model(cfg, ...)` reads the architecture fields of a TrainConfig; with the
+baseline settings it is exactly the SPEC's TinyCNN. `create_model(name, ...)` builds
+a named preset (bench.space.PRESETS) - tests loop over that registry.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from bench.space import TrainConfig, preset_config
+
+BASE_CHANNELS = (32, 64, 128, 256, 256)
+
+
+class ResidualBlock(nn.Module):
+    """Two 3x3 convs with an identity shortcut (ResNet basic block, no downsampling)."""
+
+    def __init__(self, channels: int, batch_norm: bool):
+        super().__init__()
+        norm = (lambda: nn.BatchNorm2d(channels)) if batch_norm else nn.Identity
+        self.body = nn.Sequential(
+            nn.Conv2d(channels, channels, 3, padding=1), norm(), nn.ReLU(inplace=True),
+            nn.Conv2d(channels, channels, 3, padding=1), norm(),
+        )
+        self.act = nn.ReLU(inplace=True)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.act(x + self.body(x))
+
+
+def _stage(c_in: int, c_out: int, cfg: TrainConfig, pool: bool) -> nn.Sequential:
+    layers: list[nn.Module] = [nn.Conv2d(c_in, c_out, 3, padding=1)]
+    if cfg.batch_norm:
+        layers.append(nn.BatchNorm2d(c_out))
+    layers.append(nn.ReLU(inplace=True))
+    if cfg.residual:
+        layers.append(ResidualBlock(c_out, cfg.batch_norm))
+    if pool:
+        layers.append(nn.MaxPool2d(2))
+    return nn.Sequential(*layers)
+
+
+class ConvNet(nn.Module):
+    def __init__(self, features: nn.Sequential, classifier: nn.Sequential):
+        super().__init__()
+        self.features = features
+        self.classifier = classifier
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.classifier(self.features(x))
+
+
+def build_model(cfg: TrainConfig, in_channels: int, image_size: tuple[int, int], num_classes: int) -> ConvNet:
+    blocks = 2 + cfg.extra_blocks
+    if blocks > len(BASE_CHANNELS):
+        raise ValueError(f"at most {len(BASE_CHANNELS) - 2} extra blocks are supported, got {cfg.extra_blocks}")
+    stages, c_in = [], in_channels
+    h, w = image_size
+    for base in BASE_CHANNELS[:blocks]:
+        c_out = max(8, round(base * cfg.width))
+        pool = h >= 2 and w >= 2  # a 28 px input has room for 3 pools, not 5
+        stages.append(_stage(c_in, c_out, cfg, pool))
+        if pool:
+            h, w = h // 2, w // 2
+        c_in = c_out
+    features = nn.Sequential(*stages, nn.Flatten())
+    with torch.no_grad():  # classifier input computed from the real feature extractor
+        n_features = features(torch.zeros(1, in_channels, *image_size)).shape[1]
+    head: list[nn.Module] = [nn.Dropout(cfg.dropout)] if cfg.dropout else []
+    if cfg.hidden_units:
+        head += [nn.Linear(n_features, cfg.hidden_units), nn.ReLU(inplace=True)]
+        head += [nn.Dropout(cfg.dropout)] if cfg.dropout else []
+        head.append(nn.Linear(cfg.hidden_units, num_classes))
+    else:
+        head.append(nn.Linear(n_features, num_classes))
+    return ConvNet(features, nn.Sequential(*head))
+
+
+def create_model(name: str, in_channels: int = 3, image_size: tuple[int, int] = (32, 32), num_classes: int = 10) -> ConvNet:
+    return build_model(preset_config(name), in_channels, image_size, num_classes)
+
+
+def count_parameters(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)

@@ -1,0 +1,184 @@
+"""`python -m bench.perf`: the classic per-image pipeline against the harness, side by side.
+
+(a) classic: torchvision ImageFolder + per-image PIL transforms + DataLoader(num_workers=0), fp32,
+    exactly the assignment's loop; (b) harness: bench.train.fit on device-resident uint8 tensors
+    with per-batch augmentation. Same model, optimizer, data, seeds and epochs; test set as
+    validation after every epoch, as the assignment does.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, Subset
+from tqdm.auto import tqdm
+
+from bench.data import Dataset, _stratified_take, load_dataset, make_splits
+from bench.errors import UsageError, run_cli
+from bench.models import build_model
+from bench.space import BASELINE, TrainConfig
+from bench.train import PRECISIONS, fit, resolve_device
+
+
+@dataclass(frozen=True)
+class PathResult:
+    path: str
+    seed: int
+    train_images_per_sec: float
+    eval_images_per_sec: float
+    seconds_per_epoch: float
+    trial_seconds: float
+    test_acc: float
+
+
+def run_classic(root: Path, dataset: Dataset, cfg: TrainConfig, *, seed: int, device: torch.device,
+                train_subset: int | None, progress: bool) -> PathResult:
+    from torchvision import datasets, transforms
+
+    normalize = transforms.Normalize(dataset.mean, dataset.std)
+    side = dataset.image_size[0]
+    train_tf = transforms.Compose([
+        transforms.RandomCrop(side, padding=dataset.crop_padding), transforms.RandomHorizontalFlip(),
+        transforms.ToTensor(), normalize,
+    ])
+    test_tf = transforms.Compose([transforms.ToTensor(), normalize])
+    test_dir = root / "test" if (root / "test").is_dir() else root / "val"
+    train_set = datasets.ImageFolder(str(root / "train"), transform=train_tf)
+    test_set = datasets.ImageFolder(str(test_dir), transform=test_tf)
+    if train_subset is not None:  # the same seeded, stratified indices the harness takes
+        index = _stratified_take(torch.tensor(train_set.targets), train_subset, torch.Generator().manual_seed(seed))
+        train_set = Subset(train_set, index.tolist())
+    torch.manual_seed(seed)
+    model = build_model(cfg, dataset.channels, dataset.image_size, len(dataset.classes)).to(device)
+    train_loader = DataLoader(train_set, batch_size=cfg.batch_size, shuffle=True, num_workers=0)
+    test_loader = DataLoader(test_set, batch_size=256, shuffle=False, num_workers=0)
+    optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr)
+    loss_fn = nn.CrossEntropyLoss()
+    started = time.perf_counter()
+    train_time = eval_time = 0.0
+    acc = 0.0
+    for epoch in range(1, cfg.epochs + 1):
+        model.train()
+        t0 = time.perf_counter()
+        for x, y in tqdm(train_loader, desc=f"classic epoch {epoch}", leave=False, disable=not progress):
+            x, y = x.to(device), y.to(device)
+            optimizer.zero_grad()
+            loss = loss_fn(model(x), y)
+            loss.backward()
+            optimizer.step()
+        t1 = time.perf_counter()
+        model.eval()
+        correct = 0
+        with torch.no_grad():
+            for x, y in test_loader:
+                correct += (model(x.to(device)).argmax(1) == y.to(device)).sum().item()
+        acc = correct / len(test_set)
+        eval_time += time.perf_counter() - t1
+        train_time += t1 - t0
+    return PathResult("classic", seed, cfg.epochs * len(train_set) / train_time,
+                      cfg.epochs * len(test_set) / eval_time, (train_time + eval_time) / cfg.epochs,
+                      time.perf_counter() - started, acc)
+
+
+def run_harness(dataset: Dataset, cfg: TrainConfig, *, seed: int, device: torch.device, precision: str,
+                train_subset: int | None, progress: bool) -> PathResult:
+    splits = make_splits(dataset, val_split=0, train_subset=train_subset, seed=seed)
+    torch.manual_seed(seed)
+    model = build_model(cfg, dataset.channels, dataset.image_size, len(dataset.classes))
+    started = time.perf_counter()
+    result = fit(model, splits, cfg, device=device, precision=precision, seed=seed, progress=progress,
+                 log=lambda _: None)
+    wall = time.perf_counter() - started
+    return PathResult("harness", seed, result.images_per_sec, result.eval_images_per_sec,
+                      wall / cfg.epochs, wall, result.test_acc)
+
+
+def welch(a: Sequence[float], b: Sequence[float]) -> tuple[float, float]:
+    """Welch's t statistic and two-sided p value (unequal variances)."""
+    from scipy import stats
+
+    res = stats.ttest_ind(a, b, equal_var=False)
+    return float(res.statistic), float(res.pvalue)
+
+
+def summarize(results: list[PathResult]) -> list[str]:
+    lines = [f"{'path':<8} {'seed':>4} {'train img/s':>12} {'eval img/s':>11} {'s/epoch':>8} {'trial s':>8} {'test acc':>9}"]
+    for r in results:
+        lines.append(f"{r.path:<8} {r.seed:>4} {r.train_images_per_sec:>12.0f} {r.eval_images_per_sec:>11.0f} "
+                     f"{r.seconds_per_epoch:>8.2f} {r.trial_seconds:>8.1f} {r.test_acc:>9.4f}")
+    by = {p: [r for r in results if r.path == p] for p in ("classic", "harness")}
+    mean = lambda rs, f: statistics.fmean(getattr(r, f) for r in rs)  # noqa: E731
+    for path, rs in by.items():
+        accs = [r.test_acc for r in rs]
+        sd = statistics.stdev(accs) if len(accs) > 1 else float("nan")
+        lines.append(f"{path}: n={len(rs)} test acc mean={statistics.fmean(accs):.4f} sd={sd:.4f} "
+                     f"train img/s={mean(rs, 'train_images_per_sec'):.0f} trial s={mean(rs, 'trial_seconds'):.1f}")
+    acc_c = [r.test_acc for r in by["classic"]]
+    acc_h = [r.test_acc for r in by["harness"]]
+    if len(acc_c) > 1 and len(acc_h) > 1:
+        t, p = welch(acc_h, acc_c)
+        lines.append(f"Welch t-test harness vs classic: t={t:.3f} p={p:.4f} "
+                     f"({'no significant difference' if p > 0.05 else 'significant difference'} at 0.05)")
+    lines.append(f"trial time ratio harness/classic={mean(by['harness'], 'trial_seconds') / mean(by['classic'], 'trial_seconds'):.3f}")
+    speedup = mean(by["harness"], "train_images_per_sec") / mean(by["classic"], "train_images_per_sec")
+    delta = (statistics.fmean(acc_h) - statistics.fmean(acc_c)) * 100
+    lines.append(f"speedup={speedup:.2f} acc_delta={delta:+.2f}")
+    return lines
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m bench.perf", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--dataset", default="../shared/data/cifar10-jpeg", help="ImageFolder tree (default: ../shared/data/cifar10-jpeg)")
+    parser.add_argument("--cache-dir", default=None, help="decoded-tensor cache (default: ~/.cache/bench)")
+    parser.add_argument("--epochs", type=int, default=2, help="epochs per run (default: 2)")
+    parser.add_argument("--train-subset", type=int, default=None, help="train on N seeded images")
+    parser.add_argument("--seeds", type=int, default=1, help="runs per path, seeds 0..K-1 (default: 1)")
+    parser.add_argument("--device", default="auto", help="auto, cpu, cuda (default: auto)")
+    parser.add_argument("--precision", choices=PRECISIONS, default="auto", help="harness precision (default: auto)")
+    parser.add_argument("--paths", default="classic,harness", help="which paths to run (default: classic,harness)")
+    parser.add_argument("--quiet", action="store_true", help="no progress bars")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    root = Path(args.dataset)
+    if not (root / "train").is_dir():
+        raise UsageError(f"--dataset {root} has no train/ folder; bench.perf compares pipelines on an ImageFolder tree")
+    if args.epochs < 1 or args.seeds < 1:
+        raise UsageError("--epochs and --seeds must be 1 or more")
+    paths = args.paths.split(",")
+    device = resolve_device(args.device)
+    t0 = time.perf_counter()
+    dataset = load_dataset(str(root), cache_dir=args.cache_dir)
+    print(f"harness data load (decoded-tensor cache): {time.perf_counter() - t0:.1f}s; device={device}; "
+          f"threads={torch.get_num_threads()}; epochs={args.epochs}; train={args.train_subset or len(dataset.train)}")
+    cfg = BASELINE.replace(epochs=args.epochs)
+    results: list[PathResult] = []
+    for seed in range(args.seeds):
+        for path in paths:
+            if path == "classic":
+                r = run_classic(root, dataset, cfg, seed=seed, device=device, train_subset=args.train_subset,
+                                progress=not args.quiet)
+            else:
+                r = run_harness(dataset, cfg, seed=seed, device=device, precision=args.precision,
+                                train_subset=args.train_subset, progress=not args.quiet)
+            results.append(r)
+            print(f"{r.path} seed={seed}: {r.train_images_per_sec:.0f} img/s train, test acc {r.test_acc:.4f}, "
+                  f"{r.trial_seconds:.1f}s", flush=True)
+    if set(paths) >= {"classic", "harness"}:
+        print("\n".join(summarize(results)))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(run_cli(main))

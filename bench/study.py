@@ -1,0 +1,163 @@
+"""Studies: storages, sampler and pruner registries, metadata checks, and the run loop."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import warnings
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import optuna
+from optuna.exceptions import ExperimentalWarning
+from optuna.trial import FrozenTrial, TrialState
+
+import bench
+from bench.errors import UsageError, redact
+from bench.space import Param, grid_search_space
+
+warnings.filterwarnings("ignore", category=ExperimentalWarning)  # heartbeats, TPE groups: used on purpose
+
+FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
+STUDIES_DIR = Path("studies")
+MAX_CONSECUTIVE_FAILURES = 3
+
+
+# --- registries -----------------------------------------------------------------------
+
+
+def _tpe(seed: int, space: tuple[Param, ...]) -> optuna.samplers.BaseSampler:
+    # multivariate + group: conditional parameters are modelled jointly with their parents
+    return optuna.samplers.TPESampler(seed=seed, multivariate=True, group=True, n_startup_trials=10)
+
+
+def _grid(seed: int, space: tuple[Param, ...]) -> optuna.samplers.BaseSampler:
+    return optuna.samplers.GridSampler(grid_search_space(space), seed=seed)
+
+
+SAMPLERS: dict[str, Callable[[int, tuple[Param, ...]], optuna.samplers.BaseSampler]] = {
+    "tpe": _tpe,
+    "random": lambda seed, space: optuna.samplers.RandomSampler(seed=seed),
+    "cmaes": lambda seed, space: optuna.samplers.CmaEsSampler(seed=seed, warn_independent_sampling=False),
+    "qmc": lambda seed, space: optuna.samplers.QMCSampler(seed=seed, warn_independent_sampling=False),
+    "grid": _grid,
+}
+
+PRUNERS: dict[str, Callable[[int], optuna.pruners.BasePruner]] = {
+    "median": lambda max_epochs: optuna.pruners.MedianPruner(n_startup_trials=5, n_warmup_steps=1),
+    "hyperband": lambda max_epochs: optuna.pruners.HyperbandPruner(min_resource=1, max_resource=max_epochs),
+    "none": lambda max_epochs: optuna.pruners.NopPruner(),
+}
+
+
+def create_sampler(name: str, seed: int, space: tuple[Param, ...]) -> optuna.samplers.BaseSampler:
+    return SAMPLERS[name](seed, space)
+
+
+def create_pruner(name: str, max_epochs: int) -> optuna.pruners.BasePruner:
+    return PRUNERS[name](max_epochs)
+
+
+# --- storage --------------------------------------------------------------------------
+
+
+def default_storage(study_name: str) -> str:
+    return f"sqlite:///{STUDIES_DIR / f'{study_name}.db'}"
+
+
+def open_storage(url: str, *, heartbeat: bool = True) -> optuna.storages.BaseStorage:
+    """An Optuna storage for `url`; bad URLs and unwritable places become UsageErrors."""
+    shown = redact(url)
+    if url.startswith("sqlite:///"):
+        path = Path(url[len("sqlite:///"):])
+        parent = path.parent if str(path.parent) else Path(".")
+        try:
+            parent.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise UsageError(
+                f"cannot create {parent} for the study database ({exc.strerror}); pass --storage with a writable path"
+            ) from None
+        if not os.access(parent, os.W_OK) or (path.exists() and not os.access(path, os.W_OK)):
+            raise UsageError(f"{path} is not writable; make {parent} writable or pass --storage sqlite:///OTHER/PATH.db")
+    if "://" not in url:
+        raise UsageError(f"--storage {shown!r} is not a database URL; use e.g. sqlite:///studies/NAME.db or postgresql://user:pass@host/db")
+    try:
+        kwargs: dict[str, Any] = {}
+        if heartbeat:
+            # a killed worker's trial is failed after the grace period and re-run with its parameters
+            kwargs = dict(heartbeat_interval=30, grace_period=90,
+                          heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=2))
+        return optuna.storages.RDBStorage(url, engine_kwargs=_engine_kwargs(url), **kwargs)
+    except Exception as exc:
+        message = redact(str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
+        raise UsageError(f"cannot open storage {shown}: {message}; check the URL, the server and the credentials") from None
+
+
+def _engine_kwargs(url: str) -> dict[str, Any]:
+    if url.startswith("sqlite"):
+        return {"connect_args": {"timeout": 60}}  # wait for writers instead of 'database is locked'
+    return {"pool_pre_ping": True}
+
+
+# --- study metadata ---------------------------------------------------------------------
+
+
+def space_signature(space: Iterable[Param]) -> str:
+    desc = [(p.name, repr(p.distribution), p.when) for p in space]
+    return hashlib.sha256(json.dumps(desc, default=str).encode()).hexdigest()[:16]
+
+
+@dataclass(frozen=True)
+class StudyMeta:
+    dataset: str
+    space: str
+    image_size: int
+    val_split: float
+    train_subset: int | None
+
+    def as_attrs(self) -> dict[str, Any]:
+        return {f"bench.{k}": v for k, v in self.__dict__.items()} | {"bench.version": bench.__version__}
+
+
+def open_study(name: str, storage: optuna.storages.BaseStorage, *, sampler: optuna.samplers.BaseSampler,
+               pruner: optuna.pruners.BasePruner, meta: StudyMeta, force: bool = False) -> tuple[optuna.Study, bool]:
+    """Create or resume `name`; refuses a study made with another dataset or space unless `force`."""
+    existing = name in {s.study_name for s in optuna.get_all_study_summaries(storage, include_best_trial=False)}
+    study = optuna.create_study(study_name=name, storage=storage, sampler=sampler, pruner=pruner,
+                                direction="maximize", load_if_exists=True)
+    if existing:
+        stored = study.user_attrs
+        for key, value in meta.as_attrs().items():
+            if key in ("bench.version",) or key not in stored or stored[key] == value:
+                continue
+            if not force:
+                raise UsageError(
+                    f"study {name!r} was made with {key.removeprefix('bench.')}={stored[key]!r}, not {value!r}; "
+                    "use another --study-name, or --force to add to it anyway"
+                )
+    else:
+        for key, value in meta.as_attrs().items():
+            study.set_user_attr(key, value)
+    return study, not existing
+
+
+def count_finished(study: optuna.Study) -> int:
+    return len(study.get_trials(deepcopy=False, states=FINISHED))
+
+
+class FailureGuard:
+    """Stops the study when trials keep failing with nothing finishing (a broken set-up, not bad luck)."""
+
+    def __init__(self, limit: int = MAX_CONSECUTIVE_FAILURES):
+        self.limit = limit
+        self.failures = 0
+        self.tripped = False
+
+    def __call__(self, study: optuna.Study, trial: FrozenTrial) -> None:
+        self.failures = self.failures + 1 if trial.state == TrialState.FAIL else 0
+        if self.failures >= self.limit:
+            self.tripped = True
+            study.stop()

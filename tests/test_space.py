@@ -1,0 +1,83 @@
+from __future__ import annotations
+
+import dataclasses
+
+import optuna
+import pytest
+
+from bench.space import (
+    BASELINE,
+    FACTORS,
+    MATRIX_LEVELS,
+    PRESETS,
+    TrainConfig,
+    build_space,
+    config_from_params,
+    is_active,
+    params_for_config,
+    preset_config,
+    suggest,
+)
+
+
+def test_every_param_is_a_config_field_with_a_factor():
+    fields = {f.name for f in dataclasses.fields(TrainConfig)}
+    space = build_space()
+    assert {p.name for p in space} <= fields
+    assert {p.factor for p in space} == set(FACTORS)
+
+
+def test_baseline_is_the_assignment_recipe():
+    assert (BASELINE.epochs, BASELINE.batch_size, BASELINE.optimizer, BASELINE.lr, BASELINE.loss) == (5, 128, "adam", 3e-3, "ce")
+    assert BASELINE.crop and BASELINE.flip and not BASELINE.color_jitter
+
+
+def test_conditions_follow_their_parent():
+    space = build_space()
+    for _ in range(30):
+        study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=_))
+        params = suggest(study.ask(), space)
+        assert ("momentum" in params) == (params["optimizer"] in ("sgd", "rmsprop"))
+        assert ("nesterov" in params) == (params["optimizer"] == "sgd")
+        assert ("label_smoothing" in params) == (params["loss"] == "ce")
+        assert ("focal_gamma" in params) == (params["loss"] == "focal")
+        assert ("jitter_strength" in params) == params["color_jitter"]
+        assert ("erasing_p" in params) == params["erasing"]
+        config_from_params(params)  # always a valid config
+
+
+def test_enqueued_baseline_round_trips_through_suggest():
+    space = build_space(max_epochs=2)
+    study = optuna.create_study()
+    cfg = BASELINE.replace(epochs=2)
+    study.enqueue_trial(params_for_config(cfg, space))
+    params = suggest(study.ask(), space)
+    assert config_from_params(params) == cfg
+
+
+def test_epochs_bounded_by_max_epochs():
+    space = build_space(max_epochs=3)
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
+    for _ in range(20):
+        assert 1 <= suggest(study.ask(), space)["epochs"] <= 3
+
+
+@pytest.mark.parametrize("name", PRESETS)
+def test_presets_are_valid_configs(name):
+    cfg = preset_config(name)
+    space = build_space()
+    active = params_for_config(cfg, space)
+    assert all(is_active(p, active) for p in space if p.name in active)
+
+
+def test_matrix_levels_change_known_fields_only():
+    fields = {f.name for f in dataclasses.fields(TrainConfig)}
+    for level in MATRIX_LEVELS:
+        assert level.factor in FACTORS
+        assert set(level.changes) <= fields
+        assert BASELINE.replace(**level.changes) != BASELINE
+
+
+def test_unknown_parameter_is_rejected():
+    with pytest.raises(ValueError, match="unknown parameters"):
+        config_from_params({"learning_rate": 0.1})

@@ -1,0 +1,93 @@
+from __future__ import annotations
+
+import pytest
+import torch
+
+from bench.data import load_image_folder, make_splits
+from bench.models import build_model
+from bench.space import BASELINE, LOSSES, OPTIMIZERS, SCHEDULERS, TrainConfig
+from bench.train import Diverged, fit, resolve_precision
+
+CPU = torch.device("cpu")
+
+
+@pytest.fixture
+def splits(rgb_folder, cache_dir):
+    return make_splits(load_image_folder(rgb_folder, cache_dir=cache_dir), val_split=0.25, seed=0)
+
+
+def train(splits, cfg: TrainConfig, seed: int = 0, **kwargs):
+    torch.manual_seed(seed)
+    ds = splits.dataset
+    model = build_model(cfg, ds.channels, ds.image_size, len(ds.classes))
+    return fit(model, splits, cfg, device=CPU, seed=seed, progress=False, **kwargs), model
+
+
+ONE_EPOCH = BASELINE.replace(epochs=1, batch_size=16)
+VARIANTS = (
+    [{"optimizer": o} for o in OPTIMIZERS]
+    + [{"optimizer": "sgd", "nesterov": True}]
+    + [{"loss": loss} for loss in LOSSES] + [{"label_smoothing": 0.1}]
+    + [{"scheduler": s, "epochs": 2} for s in SCHEDULERS]
+    + [{"color_jitter": True}, {"rotation": True}, {"affine": True}, {"grayscale": True}, {"erasing": True},
+       {"crop": False, "flip": False}]
+    + [{"grad_clip": 1.0}, {"batch_norm": True, "dropout": 0.3, "residual": True, "extra_blocks": 1}]
+)
+
+
+@pytest.mark.parametrize("changes", VARIANTS, ids=lambda c: ",".join(f"{k}={v}" for k, v in c.items()))
+def test_every_path_trains(splits, changes):
+    result, _ = train(splits, ONE_EPOCH.replace(**changes), precision="fp32")
+    assert result.epochs_run == ONE_EPOCH.replace(**changes).epochs
+    assert all(0 <= a <= 1 for a in result.val_acc) and 0 <= result.test_acc <= 1
+    assert all(loss == loss and loss < 1e3 for loss in result.train_loss)
+    assert result.images_per_sec > 0
+
+
+def test_baseline_learns_the_generated_classes(splits):
+    result, _ = train(splits, BASELINE.replace(epochs=8, batch_size=8, lr=1e-3), precision="fp32")
+    assert result.train_loss[-1] < result.train_loss[0]
+    assert result.test_acc >= 0.8  # the classes differ in brightness: trivially separable
+
+
+def test_same_seed_same_result_on_cpu(splits):
+    cfg = ONE_EPOCH.replace(epochs=2, color_jitter=True, erasing=True)
+    a, _ = train(splits, cfg, seed=3, precision="fp32")
+    b, _ = train(splits, cfg, seed=3, precision="fp32")
+    assert a.train_loss == b.train_loss and a.val_acc == b.val_acc and a.test_acc == b.test_acc
+
+
+def test_huge_learning_rate_diverges(splits):
+    with pytest.raises(Diverged):
+        train(splits, ONE_EPOCH.replace(epochs=3, optimizer="sgd", lr=1e6, momentum=0.9), precision="fp32")
+
+
+def test_early_stopping_stops_and_reports_it(splits):
+    calls = []
+    result, _ = train(splits, ONE_EPOCH.replace(epochs=30, early_stopping=1, lr=1e-5), precision="fp32",
+                      on_epoch=lambda e, loss, acc: calls.append(e))
+    assert result.stop_reason == "early-stopped"
+    assert result.epochs_run == len(calls) < 30
+
+
+def test_epoch_callback_can_stop_training(splits):
+    class Stop(Exception):
+        pass
+
+    def stop_at_two(epoch, loss, acc):
+        if epoch == 2:
+            raise Stop
+
+    with pytest.raises(Stop):
+        train(splits, ONE_EPOCH.replace(epochs=5), on_epoch=stop_at_two, precision="fp32")
+
+
+def test_bf16_autocast_trains_on_cpu(splits):
+    result, _ = train(splits, ONE_EPOCH, precision="bf16")
+    assert 0 <= result.test_acc <= 1
+
+
+def test_precision_resolution():
+    assert resolve_precision("fp32", CPU) is None
+    assert resolve_precision("bf16", CPU) is torch.bfloat16
+    assert resolve_precision("auto", CPU) in (None, torch.bfloat16)

@@ -1,0 +1,367 @@
+"""`python -m bench.report --study NAME`: a study as CSV tables, PNG plots and one offline HTML page.
+
+Render only: every table and plot here consumes the frames of bench.analysis.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import html
+import io
+import re
+import sys
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only; never a window
+
+import matplotlib.pyplot as plt  # noqa: E402
+import matplotlib.ticker  # noqa: E402
+import numpy as np  # noqa: E402
+import optuna  # noqa: E402
+import pandas as pd  # noqa: E402
+import seaborn as sns  # noqa: E402
+from matplotlib.collections import LineCollection  # noqa: E402
+
+from bench.analysis import (  # noqa: E402
+    baseline_interval,
+    baseline_rows,
+    csv_frame,
+    cumulative_frame,
+    matrix_frame,
+    param_importances,
+    pareto_front_rows,
+    trials_frame,
+)
+from bench.errors import UsageError, redact, run_cli  # noqa: E402
+from bench.space import FACTORS, build_space  # noqa: E402
+from bench.study import default_storage, open_storage  # noqa: E402
+
+NOTHING = "nothing to show yet"
+Figure = matplotlib.figure.Figure
+
+
+# --- plots: each takes frames and returns a figure, or None when there is nothing to draw ---------
+
+
+def _done(trials: pd.DataFrame) -> pd.DataFrame:
+    return trials[trials["state"] == "COMPLETE"].dropna(subset=["val_acc"])
+
+
+def plot_history(trials: pd.DataFrame) -> Figure | None:
+    done = _done(trials).sort_values("number")
+    if done.empty:
+        return None
+    fig, ax = plt.subplots(figsize=(7, 4))
+    ax.scatter(done["number"], done["val_acc"] * 100, s=14, alpha=0.7, label="trial (val acc)")
+    ax.step(done["number"], done["val_acc"].cummax() * 100, where="post", color="C3", label="running best")
+    ax.set(xlabel="trial", ylabel="validation accuracy (%)", title="Optimization history")
+    ax.legend(loc="lower right")
+    return fig
+
+
+def plot_learning_curves(trials: pd.DataFrame) -> Figure | None:
+    has = trials[trials["val_curve"].map(len) > 0]
+    if has.empty:
+        return None
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for pruned, color, alpha in ((True, "0.6", 0.25), (False, "C0", 0.6)):
+        sel = has[(has["state"] == "PRUNED") == pruned]
+        lines = [np.column_stack([np.arange(1, len(c) + 1), np.asarray(c) * 100]) for c in sel["val_curve"]]
+        if lines:  # one LineCollection: 1,000 curves draw in well under a second
+            ax.add_collection(LineCollection(lines, colors=color, alpha=alpha, linewidths=1,
+                                             label="pruned" if pruned else "completed"))
+    ax.autoscale()
+    ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
+    ax.set(xlabel="epoch", ylabel="validation accuracy (%)", title="Learning curves (pruned trials dimmed)")
+    ax.legend(loc="lower right")
+    return fig
+
+
+def plot_matrix(matrix: pd.DataFrame) -> Figure | None:
+    rows = matrix[matrix["n"] > 0].dropna(subset=["diff"])
+    if rows.empty:
+        return None
+    fig, ax = plt.subplots(figsize=(8, 0.35 * len(rows) + 1.5))
+    y = np.arange(len(rows))[::-1]
+    colors = [sns.color_palette("tab10")[FACTORS.index(f)] for f in rows["factor"]]
+    err = np.vstack([(rows["diff"] - rows["diff_low"]).fillna(0), (rows["diff_high"] - rows["diff"]).fillna(0)])
+    ax.errorbar(rows["diff"], y, xerr=err, fmt="none", ecolor="0.3", capsize=3)
+    ax.scatter(rows["diff"], y, c=colors, zorder=3)
+    ax.axvline(0, color="0.5", lw=1)
+    ax.set_yticks(y, [f"{f}: {lv}" for f, lv in zip(rows["factor"], rows["level"], strict=True)])
+    ax.set(xlabel="test accuracy difference from baseline (points, 95% CI)", title="Improvement matrix")
+    fig.tight_layout()
+    return fig
+
+
+def plot_importance(importances: dict[str, float]) -> Figure | None:
+    if not importances:
+        return None
+    items = sorted(importances.items(), key=lambda kv: kv[1])[-15:]
+    fig, ax = plt.subplots(figsize=(7, 0.3 * len(items) + 1.2))
+    ax.barh([k for k, _ in items], [v for _, v in items], color="C2")
+    ax.set(xlabel="importance (fANOVA, seed 0)", title="Parameter importance")
+    fig.tight_layout()
+    return fig
+
+
+def plot_parallel(trials: pd.DataFrame, importances: dict[str, float], top: int = 10) -> Figure | None:
+    done = _done(trials).nlargest(top, "val_acc")
+    names = [k for k in sorted(importances, key=importances.get, reverse=True)][:6] or ["lr", "epochs", "batch_size"]
+    if len(done) < 2:
+        return None
+    cols = {}
+    for name in names:
+        codes = pd.Series(pd.factorize(done[name].astype(str))[0], index=done.index, dtype=float)
+        values = pd.to_numeric(done[name], errors="coerce")
+        v = codes if values.isna().any() or done[name].dtype == object else values.astype(float)
+        span = v.max() - v.min()
+        cols[name] = (v - v.min()) / span if span else v * 0 + 0.5
+    cols["val_acc"] = (done["val_acc"] - done["val_acc"].min()) / max(1e-12, np.ptp(done["val_acc"]))
+    frame = pd.DataFrame(cols)
+    fig, ax = plt.subplots(figsize=(8, 4))
+    cmap = plt.get_cmap("viridis")
+    for _, row in frame.iterrows():
+        ax.plot(range(len(frame.columns)), row.to_numpy(), color=cmap(row["val_acc"]), alpha=0.8)
+    ax.set_xticks(range(len(frame.columns)), frame.columns, rotation=30, ha="right")
+    ax.set(ylabel="scaled value", title=f"Parallel coordinates of the top {len(done)} trials (colour: val acc)")
+    fig.tight_layout()
+    return fig
+
+
+def plot_pareto(trials: pd.DataFrame) -> Figure | None:
+    done = _done(trials).dropna(subset=["test_acc", "train_seconds"])
+    if done.empty:
+        return None
+    front = pareto_front_rows(done)
+    fig, ax = plt.subplots(figsize=(7, 4))
+    ax.scatter(done["train_seconds"], done["test_acc"] * 100, s=14, alpha=0.6, label="trial")
+    ax.step(front["train_seconds"], front["test_acc"] * 100, where="post", color="C3", marker="o", label="Pareto front")
+    ax.set(xlabel="train seconds", ylabel="test accuracy (%)", title="Accuracy vs compute")
+    ax.legend(loc="lower right")
+    return fig
+
+
+def plot_baseline_and_best(trials: pd.DataFrame) -> Figure | None:
+    done = _done(trials)
+    if done.empty:
+        return None
+    picks = {"best": done.loc[done["val_acc"].idxmax()]}
+    base = done[baseline_rows(done)]
+    if not base.empty:
+        picks["baseline"] = base.sort_values("number").iloc[0]
+    fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(10, 4))
+    for label, row in picks.items():
+        name = f"{label} (trial {row['number']})"
+        ax_loss.plot(np.arange(1, len(row["loss_curve"]) + 1), row["loss_curve"], marker="o", label=name)
+        ax_acc.plot(np.arange(1, len(row["val_curve"]) + 1), np.asarray(row["val_curve"]) * 100, marker="o", label=name)
+    for ax in (ax_loss, ax_acc):
+        ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
+    ax_loss.set(xlabel="epoch", ylabel="train loss", title="Train loss")
+    ax_acc.set(xlabel="epoch", ylabel="validation accuracy (%)", title="Validation accuracy")
+    ax_loss.legend()
+    ax_acc.legend()
+    fig.tight_layout()
+    return fig
+
+
+def plot_cumulative(path: pd.DataFrame) -> Figure | None:
+    if path.empty:
+        return None
+    fig, ax = plt.subplots(figsize=(8, 4))
+    x = np.arange(len(path))
+    ax.step(x, path["mean_acc"], where="mid", color="C0")
+    err = np.vstack([(path["mean_acc"] - path["acc_low"]).fillna(0), (path["acc_high"] - path["mean_acc"]).fillna(0)])
+    ax.errorbar(x, path["mean_acc"], yerr=err, fmt="o", color="C0", capsize=3)
+    ax.set_xticks(x, path["step"], rotation=25, ha="right")
+    ax.set(ylabel="test accuracy (%, 95% CI)", title="Cumulative path: each step keeps the previous ones")
+    fig.tight_layout()
+    return fig
+
+
+# --- HTML ---------------------------------------------------------------------------------
+
+CSS = """
+body{font-family:system-ui,sans-serif;margin:2rem auto;max-width:1100px;color:#222;padding:0 1rem}
+table{border-collapse:collapse;font-size:.85rem;margin:1rem 0}td,th{border:1px solid #ccc;padding:.25rem .5rem}
+th{background:#f3f3f3}img{max-width:100%;border:1px solid #eee;margin:.5rem 0}.muted{color:#777}
+.supported{background:#e3f6e3}.contradicted{background:#fbe3e3}.inconclusive{background:#fff7dc}
+"""
+
+
+def _png(fig: Figure) -> bytes:
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
+    plt.close(fig)
+    return buf.getvalue()
+
+
+def _fmt(v: object, digits: int = 2) -> str:
+    if isinstance(v, float):
+        return "" if np.isnan(v) else f"{v:.{digits}f}"
+    return html.escape(str(v))
+
+
+def _table(frame: pd.DataFrame, row_class: Callable[[pd.Series], str] | None = None) -> str:
+    head = "".join(f"<th>{html.escape(str(c))}</th>" for c in frame.columns)
+    body = []
+    for _, row in frame.iterrows():
+        cls = f' class="{row_class(row)}"' if row_class else ""
+        body.append(f"<tr{cls}>" + "".join(f"<td>{_fmt(v)}</td>" for v in row) + "</tr>")
+    return f"<table><tr>{head}</tr>{''.join(body)}</table>"
+
+
+def matrix_display(matrix: pd.DataFrame) -> pd.DataFrame:
+    ci = lambda m, lo, hi: m.map("{:.2f}".format) + " [" + lo.map("{:.2f}".format) + ", " + hi.map("{:.2f}".format) + "]"  # noqa: E731
+    return pd.DataFrame({
+        "factor": matrix["factor"].astype(str), "level": matrix["level"], "n": matrix["n"],
+        "test acc % [95% CI]": ci(matrix["mean_acc"], matrix["acc_low"], matrix["acc_high"]),
+        "diff vs baseline, points [95% CI]": ci(matrix["diff"], matrix["diff_low"], matrix["diff_high"]),
+        "claim (assignment)": matrix["claim"], "verdict": matrix["verdict"],
+    })
+
+
+def summary_items(study: optuna.Study, trials: pd.DataFrame) -> list[tuple[str, str]]:
+    attrs = study.user_attrs
+    states = trials["state"].value_counts().to_dict()
+    done = _done(trials)
+    items = [
+        ("study", study.study_name),
+        ("dataset", str(attrs.get("bench.dataset", "unknown"))),
+        ("device", ", ".join(sorted(set(trials["device"].dropna().astype(str)))) or "-"),
+        ("trials by state", ", ".join(f"{k} {v}" for k, v in sorted(states.items())) or "none"),
+        ("total train time", f"{trials['train_seconds'].fillna(0).sum() / 60:.1f} min"),
+    ]
+    if "bench.epochs_scale" in attrs:
+        items.append(("budget", f"epochs scaled by {attrs['bench.epochs_scale']}, train subset "
+                                f"{attrs.get('bench.train_subset') or 'all'}: not full-budget numbers"))
+    if not done.empty:
+        best = done.loc[done["val_acc"].idxmax()]
+        items.append(("best trial", f"#{best['number']}: val {best['val_acc'] * 100:.2f}%, test {best['test_acc'] * 100:.2f}%"))
+        params = study.trials[int(best["number"])].params
+        items.append(("best parameters", ", ".join(f"{k}={v}" for k, v in params.items())))
+    base = baseline_interval(trials)
+    if not np.isnan(base.mean):
+        interval = "" if np.isnan(base.low) else f" [{base.low:.2f}, {base.high:.2f}]"
+        items.append(("baseline test accuracy", f"{base.mean:.2f}%{interval}"))
+    return items
+
+
+def render_html(study: optuna.Study, trials: pd.DataFrame, matrix: pd.DataFrame, cumulative: pd.DataFrame,
+                plots: dict[str, bytes]) -> str:
+    esc = html.escape
+    parts = [f"<!doctype html><html><head><meta charset='utf-8'><title>bench report: {esc(study.study_name)}</title>"
+             f"<style>{CSS}</style></head><body><h1>bench report: {esc(study.study_name)}</h1>"]
+    parts.append("<h2>Summary</h2><table>" + "".join(f"<tr><th>{esc(k)}</th><td>{esc(v)}</td></tr>"
+                                                     for k, v in summary_items(study, trials)) + "</table>")
+    parts.append("<h2>Improvement matrix</h2>")
+    if (matrix["n"] > 0).any():
+        parts.append(f"<p class='muted'>Method: {esc(matrix['method'].iloc[0])}. Test accuracy in %, 95% bootstrap "
+                     "intervals; verdict: supported when the interval of the difference lies inside the claim, "
+                     "contradicted when wholly outside, else inconclusive.</p>")
+        parts.append(_table(matrix_display(matrix), lambda r: r["verdict"]))
+    else:
+        parts.append(f"<p class='muted'>{NOTHING}: no completed trial matches a matrix level.</p>")
+    if not cumulative.empty:
+        parts.append("<h2>Cumulative path</h2>" + _table(cumulative))
+    parts.append("<h2>Plots</h2>")
+    if not plots:
+        parts.append(f"<p class='muted'>{NOTHING}: no completed trial yet.</p>")
+    for name, png in plots.items():
+        data = base64.b64encode(png).decode()
+        parts.append(f"<h3>{esc(name.replace('_', ' '))}</h3><img alt='{esc(name)}' src='data:image/png;base64,{data}'>")
+    parts.append("<h2>Top 10 trials</h2>")
+    done = _done(trials)
+    if done.empty:
+        parts.append(f"<p class='muted'>{NOTHING}.</p>")
+    else:
+        names = [p.name for p in build_space()]
+        top = done.nlargest(10, "val_acc")[["number", "val_acc", "test_acc", "epochs_run", "train_seconds", *names]]
+        parts.append(_table(top))
+    parts.append("</body></html>")
+    return "\n".join(parts)
+
+
+# --- the command --------------------------------------------------------------------------
+
+
+def build_plots(study: optuna.Study, trials: pd.DataFrame, matrix: pd.DataFrame, cumulative: pd.DataFrame) -> dict[str, Figure]:
+    importances = param_importances(study)
+    candidates = {
+        "optimization_history": plot_history(trials),
+        "learning_curves": plot_learning_curves(trials),
+        "improvement_matrix": plot_matrix(matrix),
+        "cumulative_path": plot_cumulative(cumulative),
+        "parameter_importance": plot_importance(importances),
+        "parallel_coordinates": plot_parallel(trials, importances),
+        "accuracy_vs_compute": plot_pareto(trials),
+        "baseline_and_best_curves": plot_baseline_and_best(trials),
+    }
+    return {k: v for k, v in candidates.items() if v is not None}
+
+
+def write_report(study: optuna.Study, out: Path, *, fmt: str = "html") -> list[Path]:
+    out.mkdir(parents=True, exist_ok=True)
+    trials = trials_frame(study)
+    matrix = matrix_frame(trials)
+    written = [out / "trials.csv", out / "matrix.csv"]
+    csv_frame(trials).to_csv(written[0], index=False)
+    matrix.to_csv(written[1], index=False)
+    if fmt == "csv":
+        return written
+    cumulative = cumulative_frame(trials)
+    if not cumulative.empty:
+        cumulative.to_csv(out / "cumulative.csv", index=False)
+        written.append(out / "cumulative.csv")
+    sns.set_theme(style="whitegrid")
+    plots = {name: _png(fig) for name, fig in build_plots(study, trials, matrix, cumulative).items()}
+    for name, png in plots.items():
+        (out / f"{name}.png").write_bytes(png)
+        written.append(out / f"{name}.png")
+    (out / "index.html").write_text(render_html(study, trials, matrix, cumulative, plots), encoding="utf-8")
+    written.append(out / "index.html")
+    return written
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m bench.report", description=__doc__)
+    parser.add_argument("--study", required=True, help="study name")
+    parser.add_argument("--storage", default=None, help="SQLAlchemy URL (default: sqlite:///studies/<study>.db)")
+    parser.add_argument("--out", default=None, help="output directory (default: reports/<study>)")
+    parser.add_argument("--format", choices=("html", "csv"), default="html",
+                        help="html: everything; csv: trials.csv and matrix.csv only (default: html)")
+    return parser
+
+
+def load_existing_study(name: str, storage_url: str | None) -> optuna.Study:
+    url = storage_url or default_storage(name)
+    if url.startswith("sqlite:///") and not Path(url[len("sqlite:///"):]).exists():
+        raise UsageError(f"no study database at {url[len('sqlite:///'):]}; run `python -m bench.run --study-name {name}` "
+                         "first or pass --storage")
+    storage = open_storage(url, heartbeat=False)
+    try:
+        return optuna.load_study(study_name=name, storage=storage)
+    except KeyError:
+        names = ", ".join(s.study_name for s in optuna.get_all_study_summaries(storage, include_best_trial=False))
+        raise UsageError(f"study {name!r} not found in {redact(url)} (it holds: {names or 'no studies'}); check --study") from None
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    started = time.perf_counter()
+    study = load_existing_study(args.study, args.storage)
+    out = Path(args.out) if args.out else Path("reports") / re.sub(r"[^\w.-]", "_", args.study)
+    written = write_report(study, out, fmt=args.format)
+    print(f"wrote {len(written)} files to {out} in {time.perf_counter() - started:.1f}s"
+          + (f": open {out / 'index.html'}" if args.format == "html" else ""))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(run_cli(main))

@@ -11,8 +11,8 @@ import torch
 
 from bench.data import Splits
 from bench.models import build_model, count_parameters
-from bench.space import Param, config_from_params, suggest
-from bench.train import Diverged, FitResult, fit, resolve_device
+from bench.space import Param, TrainConfig, config_from_params, suggest
+from bench.train import Diverged, fit, resolve_device
 
 
 class Attr:
@@ -42,7 +42,7 @@ class TrialSettings:
     progress: bool = True
 
 
-ModelSink = Callable[[optuna.Trial, torch.nn.Module, FitResult], None]
+ModelSink = Callable[[optuna.Trial, torch.nn.Module, TrainConfig, float], None]
 
 
 class Objective:
@@ -102,8 +102,8 @@ class Objective:
             (Attr.STOP_REASON, result.stop_reason),
         ):
             trial.set_user_attr(key, value)
-        if self.on_model is not None:
-            self.on_model(trial, model, result)
         if not math.isfinite(kept_val):
             raise Diverged("validation accuracy is not finite")
+        if self.on_model is not None:
+            self.on_model(trial, model, cfg, kept_val)
         return kept_val

@@ -338,14 +338,14 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def load_existing_study(name: str, storage_url: str | None) -> optuna.Study:
+def load_existing_study(name: str, storage_url: str | None) -> tuple[optuna.Study, optuna.storages.BaseStorage]:
     url = storage_url or default_storage(name)
     if url.startswith("sqlite:///") and not Path(url[len("sqlite:///"):]).exists():
         raise UsageError(f"no study database at {url[len('sqlite:///'):]}; run `python -m bench.run --study-name {name}` "
                          "first or pass --storage")
     storage = open_storage(url, heartbeat=False)
     try:
-        return optuna.load_study(study_name=name, storage=storage)
+        return optuna.load_study(study_name=name, storage=storage), storage
     except KeyError:
         names = ", ".join(s.study_name for s in optuna.get_all_study_summaries(storage, include_best_trial=False))
         raise UsageError(f"study {name!r} not found in {redact(url)} (it holds: {names or 'no studies'}); check --study") from None
@@ -355,7 +355,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     started = time.perf_counter()
-    study = load_existing_study(args.study, args.storage)
+    study, _ = load_existing_study(args.study, args.storage)
     out = Path(args.out) if args.out else Path("reports") / re.sub(r"[^\w.-]", "_", args.study)
     written = write_report(study, out, fmt=args.format)
     print(f"wrote {len(written)} files to {out} in {time.perf_counter() - started:.1f}s"

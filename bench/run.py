@@ -5,10 +5,12 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 
+from bench.checkpoint import KEEP_POLICIES, CheckpointSink, artifact_dir, open_store
 from bench.data import DATASETS, load_dataset, make_splits
 from bench.errors import UsageError, redact, run_cli
 from bench.objective import Attr, Objective, TrialSettings
@@ -77,6 +79,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--preset", choices=PRESETS, default="tinycnn", help="the enqueued first trial (default: tinycnn, the baseline)")
     g.add_argument("--no-baseline", action="store_true", help="do not enqueue the baseline as trial 0 of a new study")
     g.add_argument("--force", action="store_true", help="add to a study made with another dataset or space")
+    g.add_argument("--keep-models", choices=KEEP_POLICIES, default="best",
+                   help="store trial weights in the study's artifact store: best (only the current best), all, none "
+                        "(default: best)")
+    g.add_argument("--artifacts", default=None, help="artifact directory (default: studies/<study-name>-artifacts)")
     g.add_argument("--quiet", action="store_true", help="no per-epoch progress bars")
     return parser
 
@@ -127,7 +133,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         study.enqueue_trial(params_for_config(preset_config(args.preset, args.max_epochs), space))
     settings = TrialSettings(device=args.device, precision=args.precision, seed=args.seed,
                              grid_only=args.sampler == "grid", progress=not args.quiet)
-    objective = Objective(splits, space, settings)
+    store = open_store(Path(args.artifacts) if args.artifacts else artifact_dir(storage_url, args.study_name))
+    objective = Objective(splits, space, settings, on_model=CheckpointSink(store, storage, args.keep_models, dataset))
     guard = FailureGuard()
     study.optimize(
         objective, timeout=args.timeout, catch=(Exception,), gc_after_trial=True,

@@ -16,6 +16,7 @@ from optuna.artifacts.exceptions import ArtifactNotFound
 import bench
 from bench.data import Dataset
 from bench.errors import UsageError
+from bench.locks import storage_file
 from bench.models import build_model
 from bench.space import TrainConfig
 
@@ -25,8 +26,9 @@ CHECKPOINT_NAME = "model.pt"
 
 def artifact_dir(storage_url: str, study_name: str) -> Path:
     """Beside the SQLite file for file storages; under ./studies for server storages."""
-    if storage_url.startswith("sqlite:///"):
-        return Path(storage_url[len("sqlite:///"):]).with_name(f"{study_name}-artifacts")
+    path = storage_file(storage_url)
+    if path is not None:
+        return path.with_name(f"{study_name}-artifacts")
     return Path("studies") / f"{study_name}-artifacts"
 
 

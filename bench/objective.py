@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import math
+import os
+import socket
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -31,6 +33,7 @@ class Attr:
     STOP_REASON = "stop_reason"
     FAIL_REASON = "fail_reason"
     CELL = "cell"  # designed-experiment cell (bench.matrix)
+    WORKER = "worker"  # host:pid of the process that ran the trial
 
 
 @dataclass(frozen=True)
@@ -62,7 +65,7 @@ class Objective:
         ds = self.splits.dataset
         model = build_model(cfg, ds.channels, ds.image_size, len(ds.classes))
         for key, value in ((Attr.SEED, seed), (Attr.PARAM_COUNT, count_parameters(model)),
-                           (Attr.DEVICE, str(self.device))):
+                           (Attr.DEVICE, str(self.device)), (Attr.WORKER, f"{socket.gethostname()}:{os.getpid()}")):
             trial.set_user_attr(key, value)
 
         def report_epoch(epoch: int, train_loss: float, val_acc: float) -> None:
@@ -89,6 +92,10 @@ class Objective:
             trial.set_user_attr(Attr.FAIL_REASON, f"out of memory: {str(exc).splitlines()[0]}")
             raise
         except optuna.TrialPruned:
+            raise
+        except KeyboardInterrupt:
+            trial.set_user_attr(Attr.STOP_REASON, "failed")
+            trial.set_user_attr(Attr.FAIL_REASON, "interrupted")
             raise
         except Exception as exc:
             trial.set_user_attr(Attr.STOP_REASON, "failed")

@@ -38,6 +38,7 @@ from bench.analysis import (  # noqa: E402
     trials_frame,
 )
 from bench.errors import UsageError, redact, run_cli  # noqa: E402
+from bench.locks import storage_file  # noqa: E402
 from bench.space import FACTORS, build_space  # noqa: E402
 from bench.study import default_storage, open_storage  # noqa: E402
 
@@ -340,9 +341,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def load_existing_study(name: str, storage_url: str | None) -> tuple[optuna.Study, optuna.storages.BaseStorage]:
     url = storage_url or default_storage(name)
-    if url.startswith("sqlite:///") and not Path(url[len("sqlite:///"):]).exists():
-        raise UsageError(f"no study database at {url[len('sqlite:///'):]}; run `python -m bench.run --study-name {name}` "
-                         "first or pass --storage")
+    path = storage_file(url)
+    if path is not None and not path.exists():
+        raise UsageError(f"no study database at {path}; run `python -m bench.run --study-name {name}` first or pass --storage")
     storage = open_storage(url, heartbeat=False)
     try:
         return optuna.load_study(study_name=name, storage=storage), storage

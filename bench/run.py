@@ -3,20 +3,24 @@
 from __future__ import annotations
 
 import argparse
+import os
+import signal
+import subprocess
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 
 import optuna
+import torch
 from optuna.trial import FrozenTrial, TrialState
 
 from bench.checkpoint import KEEP_POLICIES, CheckpointSink, artifact_dir, open_store
 from bench.data import DATASETS, load_dataset, make_splits
 from bench.errors import UsageError, redact, run_cli
+from bench.locks import RunLock, TrialGate
 from bench.objective import Attr, Objective, TrialSettings
 from bench.space import PRESETS, build_space, params_for_config, preset_config
 from bench.study import (
-    FINISHED,
     PRUNERS,
     SAMPLERS,
     FailureGuard,
@@ -25,11 +29,15 @@ from bench.study import (
     create_pruner,
     create_sampler,
     default_storage,
+    fail_orphans,
     open_storage,
     open_study,
+    run_trials,
     space_signature,
 )
 from bench.train import PRECISIONS
+
+INTERRUPTED_EXIT = 130
 
 
 def positive_int(text: str) -> int:
@@ -63,7 +71,8 @@ def add_study_args(parser: argparse.ArgumentParser) -> None:
     g = parser.add_argument_group("study")
     g.add_argument("--study-name", default="bench", help="study to create or resume (default: bench)")
     g.add_argument("--storage", default=None,
-                   help="any SQLAlchemy URL (default: sqlite:///studies/<study-name>.db)")
+                   help="any SQLAlchemy URL (postgresql://user:pass@host/db for many machines) or journal:///PATH "
+                        "(default: sqlite:///studies/<study-name>.db)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -84,6 +93,17 @@ def build_parser() -> argparse.ArgumentParser:
                         "(default: best)")
     g.add_argument("--artifacts", default=None, help="artifact directory (default: studies/<study-name>-artifacts)")
     g.add_argument("--quiet", action="store_true", help="no per-epoch progress bars")
+    g = parser.add_argument_group("parallel runs")
+    g.add_argument("--workers", type=int, default=1,
+                   help="worker processes on this machine sharing the study (default: 1); with more than one, the "
+                        "default storage is the journal file studies/<study-name>.journal")
+    g.add_argument("--devices", default=None, help="comma-separated devices, one per worker in turn (cuda:0,cuda:1)")
+    g.add_argument("--threads", type=int, default=0, help="torch CPU threads per process (default: torch's choice; "
+                                                         "--workers splits the cores)")
+    g.add_argument("--heartbeat", type=int, default=30,
+                   help="seconds between trial heartbeats on database storages; a trial silent for 3 beats is failed "
+                        "and retried (default: 30)")
+    g.add_argument("--worker-id", type=int, default=None, help=argparse.SUPPRESS)
     return parser
 
 
@@ -100,51 +120,108 @@ def trial_line(trial: FrozenTrial) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
     if args.trials < 1:
         raise UsageError(f"--trials must be 1 or more, got {args.trials}")
+    if args.workers < 1:
+        raise UsageError(f"--workers must be 1 or more, got {args.workers}")
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    storage_url = args.storage or default_storage(args.study_name)
-    storage = open_storage(storage_url)  # before the data: a bad URL should fail fast
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    storage_url = args.storage or default_storage(args.study_name, args.workers)
     dataset = load_dataset(args.dataset, args.data_dir, image_size=args.image_size, cache_dir=args.cache_dir)
     splits = make_splits(dataset, val_split=args.val_split, train_subset=args.train_subset, seed=args.seed)
+    storage = open_storage(storage_url, heartbeat_seconds=args.heartbeat)
     space = build_space(args.max_epochs)
     meta = StudyMeta(dataset.source, space_signature(space), args.image_size, args.val_split, args.train_subset)
     existing_trials = 0
     try:
-        probe = optuna.load_study(study_name=args.study_name, storage=storage)
-        existing_trials = len(probe.trials)
+        existing_trials = len(optuna.load_study(study_name=args.study_name, storage=storage).trials)
     except KeyError:
         pass
-    # Resumed studies reseed the sampler past the trials it already made, so random start-up
-    # draws do not repeat the first run's parameters.
-    sampler = create_sampler(args.sampler, args.seed + existing_trials, space)
+    # Reseed past the trials the study already holds (and per worker), so random start-up
+    # draws never repeat earlier parameters.
+    sampler = create_sampler(args.sampler, args.seed + existing_trials + 1000 * (args.worker_id or 0), space)
     study, is_new = open_study(args.study_name, storage, sampler=sampler,
                                pruner=create_pruner(args.pruner, args.max_epochs), meta=meta, force=args.force)
-    finished = count_finished(study)
-    to_add = max(0, args.trials - finished)
-    print(f"study {args.study_name!r} ({redact(storage_url)}): {finished} finished trials; adding {to_add} "
-          f"to reach {args.trials}. data: {dataset.name} train={len(splits.train)} val={len(splits.val)}"
-          f"{' (test set)' if splits.val_is_test else ''} test={len(splits.test)} {dataset.channels}x"
-          f"{dataset.image_size[0]}x{dataset.image_size[1]}")
-    if to_add == 0:
-        return 0
-    if is_new and not args.no_baseline:
-        study.enqueue_trial(params_for_config(preset_config(args.preset, args.max_epochs), space))
+    run_lock = RunLock(storage_url, args.study_name)
+    if args.worker_id is None:  # the coordinating process
+        if run_lock.try_acquire():  # nobody else runs this file storage: RUNNING trials are orphans
+            fail_orphans(study, "found running at start")
+        finished = count_finished(study)
+        to_add = max(0, args.trials - finished)
+        print(f"study {args.study_name!r} ({redact(storage_url)}): {finished} finished trials; adding {to_add} "
+              f"to reach {args.trials}. data: {dataset.name} train={len(splits.train)} val={len(splits.val)}"
+              f"{' (test set)' if splits.val_is_test else ''} test={len(splits.test)} {dataset.channels}x"
+              f"{dataset.image_size[0]}x{dataset.image_size[1]}", flush=True)
+        if to_add == 0:
+            return 0
+        if is_new and not args.no_baseline:
+            study.enqueue_trial(params_for_config(preset_config(args.preset, args.max_epochs), space))
+        if args.workers > 1:
+            return spawn_workers(argv, args, storage_url, study)
     settings = TrialSettings(device=args.device, precision=args.precision, seed=args.seed,
                              grid_only=args.sampler == "grid", progress=not args.quiet)
     store = open_store(Path(args.artifacts) if args.artifacts else artifact_dir(storage_url, args.study_name))
     objective = Objective(splits, space, settings, on_model=CheckpointSink(store, storage, args.keep_models, dataset))
     guard = FailureGuard()
-    study.optimize(
-        objective, timeout=args.timeout, catch=(Exception,), gc_after_trial=True,
-        callbacks=[optuna.study.MaxTrialsCallback(args.trials, states=FINISHED), guard,
-                   lambda s, t: print(trial_line(t), flush=True)],
-    )
-    print_summary(study)
+    prefix = "" if args.worker_id is None else f"[worker {args.worker_id}] "
+    signal.signal(signal.SIGTERM, _raise_interrupt)
+    try:
+        run_trials(study, objective, args.trials, gate=TrialGate(storage_url, args.study_name), timeout=args.timeout,
+                   callbacks=[guard, lambda s, t: print(prefix + trial_line(t), flush=True)], guard=guard)
+    except KeyboardInterrupt:
+        print(f"{prefix}interrupted: the running trial is recorded as failed (interrupted); rerun the same "
+              "command to resume", file=sys.stderr)
+        if args.worker_id is None:
+            print_summary(study)
+        return INTERRUPTED_EXIT
+    if args.worker_id is None:
+        print_summary(study)
     if guard.tripped:
-        print(f"error: {guard.limit} trials in a row failed; the last reason: "
+        print(f"error: {prefix}{guard.limit} trials in a row failed; the last reason: "
               f"{study.trials[-1].user_attrs.get(Attr.FAIL_REASON, 'see above')}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _raise_interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt(signal.Signals(signum).name)
+
+
+def spawn_workers(argv: list[str], args: argparse.Namespace, storage_url: str, study: optuna.Study) -> int:
+    """Run `args.workers` processes of this command on one study; one device each when --devices is given."""
+    devices = args.devices.split(",") if args.devices else [args.device]
+    on_cpu = all(d in ("cpu", "auto") and not torch.cuda.is_available() or d == "cpu" for d in devices)
+    threads = max(1, (os.cpu_count() or 1) // args.workers) if on_cpu else 0
+    procs = []
+    for i in range(args.workers):
+        device = devices[i % len(devices)]
+        extra = ["--workers", "1", "--worker-id", str(i), "--device", device, "--storage", storage_url,
+                 "--no-baseline", "--quiet", *(["--threads", str(threads)] if threads else [])]
+        env = os.environ | ({"OMP_NUM_THREADS": str(threads)} if threads else {})
+        procs.append(subprocess.Popen([sys.executable, "-m", "bench.run", *argv, *extra], env=env))
+        print(f"worker {i}: pid {procs[-1].pid}, device {device}" + (f", {threads} CPU threads" if threads else ""),
+              flush=True)
+    signal.signal(signal.SIGTERM, _raise_interrupt)
+    try:
+        codes = [p.wait() for p in procs]
+    except KeyboardInterrupt:
+        for p in procs:
+            if p.poll() is None:
+                p.send_signal(signal.SIGTERM)
+        for p in procs:
+            p.wait()
+        print("interrupted: running trials are recorded as failed (interrupted); rerun the same command to resume",
+              file=sys.stderr)
+        print_summary(study)
+        return INTERRUPTED_EXIT
+    print_summary(study)
+    failed = [i for i, code in enumerate(codes) if code != 0]
+    if failed:
+        print(f"error: workers {failed} exited with status {[codes[i] for i in failed]}; rerun to finish the study",
+              file=sys.stderr)
         return 1
     return 0
 

@@ -279,3 +279,12 @@ MATRIX_LEVELS: tuple[Level, ...] = (
     Level("training", "early stopping", {"early_stopping": 3}),
     Level("training", "gradient clipping", {"grad_clip": 1.0}),
 )
+
+# The assignment's cumulative path: each step adds its levels to everything before it.
+CUMULATIVE_PATH: tuple[tuple[str, tuple[str, ...]], ...] = (
+    ("+20 epochs", ("20 epochs",)),
+    ("+SGD momentum", ("SGD lr 0.01 momentum 0.9",)),
+    ("+full augmentation", ("+ all augmentations",)),
+    ("+BN/Dropout/deeper", ("BatchNorm", "Dropout 0.3", "extra conv layers")),
+    ("+StepLR", ("StepLR",)),
+)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import time
 import warnings
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -17,6 +18,7 @@ from optuna.trial import FrozenTrial, TrialState
 
 import bench
 from bench.errors import UsageError, redact
+from bench.locks import TrialGate, storage_file
 from bench.space import Param, grid_search_space
 
 warnings.filterwarnings("ignore", category=ExperimentalWarning)  # heartbeats, TPE groups: used on purpose
@@ -64,15 +66,25 @@ def create_pruner(name: str, max_epochs: int) -> optuna.pruners.BasePruner:
 # --- storage --------------------------------------------------------------------------
 
 
-def default_storage(study_name: str) -> str:
-    return f"sqlite:///{STUDIES_DIR / f'{study_name}.db'}"
+def default_storage(study_name: str, workers: int = 1) -> str:
+    """SQLite for one worker; Optuna's journal file for several (its FAQ: SQLite is not for parallel writers).
+
+    An existing file decides, so a study keeps its storage whatever --workers says next time.
+    """
+    db, journal = STUDIES_DIR / f"{study_name}.db", STUDIES_DIR / f"{study_name}.journal"
+    if journal.exists() or (workers > 1 and not db.exists()):
+        return f"journal:///{journal}"
+    return f"sqlite:///{db}"
 
 
-def open_storage(url: str, *, heartbeat: bool = True) -> optuna.storages.BaseStorage:
-    """An Optuna storage for `url`; bad URLs and unwritable places become UsageErrors."""
+def open_storage(url: str, *, heartbeat: bool = True, heartbeat_seconds: int = 30) -> optuna.storages.BaseStorage:
+    """An Optuna storage for `url`; bad URLs and unwritable places become UsageErrors.
+
+    `journal:///PATH` is Optuna's journal file storage; anything else is a SQLAlchemy URL.
+    """
     shown = redact(url)
-    if url.startswith("sqlite:///"):
-        path = Path(url[len("sqlite:///"):])
+    path = storage_file(url)
+    if path is not None:
         parent = path.parent if str(path.parent) else Path(".")
         try:
             parent.mkdir(parents=True, exist_ok=True)
@@ -82,13 +94,17 @@ def open_storage(url: str, *, heartbeat: bool = True) -> optuna.storages.BaseSto
             ) from None
         if not os.access(parent, os.W_OK) or (path.exists() and not os.access(path, os.W_OK)):
             raise UsageError(f"{path} is not writable; make {parent} writable or pass --storage sqlite:///OTHER/PATH.db")
+    if url.startswith("journal:///"):
+        from optuna.storages.journal import JournalFileBackend
+
+        return optuna.storages.JournalStorage(JournalFileBackend(str(path)))
     if "://" not in url:
         raise UsageError(f"--storage {shown!r} is not a database URL; use e.g. sqlite:///studies/NAME.db or postgresql://user:pass@host/db")
     try:
         kwargs: dict[str, Any] = {}
         if heartbeat:
             # a killed worker's trial is failed after the grace period and re-run with its parameters
-            kwargs = dict(heartbeat_interval=30, grace_period=90,
+            kwargs = dict(heartbeat_interval=heartbeat_seconds, grace_period=3 * heartbeat_seconds,
                           heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=2))
         return optuna.storages.RDBStorage(url, engine_kwargs=_engine_kwargs(url), **kwargs)
     except Exception as exc:
@@ -161,3 +177,45 @@ class FailureGuard:
         if self.failures >= self.limit:
             self.tripped = True
             study.stop()
+
+
+def fail_orphans(study: optuna.Study, reason: str) -> list[int]:
+    """Fail trials left RUNNING by a dead process and enqueue each again with the same parameters."""
+    from bench.objective import Attr
+
+    failed = []
+    for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+        study.tell(t.number, state=TrialState.FAIL, skip_if_finished=True)
+        keep = {k: v for k, v in t.user_attrs.items() if k in (Attr.CELL, Attr.SEED)}
+        study.enqueue_trial(t.params, user_attrs=keep | {"retry_of": t.number})
+        failed.append(t.number)
+    if failed:
+        print(f"trials {failed} were left running by a process that died ({reason}); failed them and queued "
+              "their parameters again")
+    return failed
+
+
+def run_trials(study: optuna.Study, objective: Callable[[optuna.Trial], float], target: int, *,
+               gate: TrialGate, timeout: float | None = None,
+               callbacks: Iterable[Callable[[optuna.Study, FrozenTrial], None]] = (),
+               guard: FailureGuard | None = None) -> None:
+    """Run trials until the study holds `target` finished ones (exactly, across workers) or time is up."""
+    deadline = None if timeout is None else time.monotonic() + timeout
+
+    def gated(trial: optuna.Trial) -> float:
+        gate.release()  # the trial now exists in storage: other workers may count it
+        return objective(trial)
+
+    callbacks = list(callbacks)
+    while deadline is None or time.monotonic() < deadline:
+        gate.acquire()
+        try:
+            optuna.storages.fail_stale_trials(study)  # heartbeats (RDB): a killed worker's trial fails and is retried
+            busy = len(study.get_trials(deepcopy=False, states=(*FINISHED, TrialState.RUNNING)))
+            if busy >= target:
+                return
+            study.optimize(gated, n_trials=1, catch=(Exception,), callbacks=callbacks, gc_after_trial=True)
+        finally:
+            gate.release()
+        if guard is not None and guard.tripped:
+            return

@@ -1,0 +1,147 @@
+"""`python -m bench.matrix`: the improvement matrix as a designed, seeded experiment.
+
+Cells (all generated from bench.space's MATRIX_LEVELS and CUMULATIVE_PATH): the baseline,
+each level changed alone from the baseline, and the cumulative path; every cell repeated
+with --seeds K seeds. Cells are enqueued as fixed trials in one Optuna study, so reruns
+skip what is finished and the report reads the cells back from the trials.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import optuna
+from optuna.trial import TrialState
+
+from bench.analysis import BASELINE_CELL, CUMULATIVE_PREFIX
+from bench.checkpoint import KEEP_POLICIES, CheckpointSink, artifact_dir, open_store
+from bench.data import load_dataset, make_splits
+from bench.errors import UsageError, redact, run_cli
+from bench.objective import Attr, Objective, TrialSettings
+from bench.run import add_data_args, add_study_args, print_summary, trial_line
+from bench.space import BASELINE, CUMULATIVE_PATH, MATRIX_LEVELS, Level, TrainConfig, build_space, params_for_config
+from bench.study import FINISHED, StudyMeta, default_storage, open_storage, open_study, space_signature
+
+
+@dataclass(frozen=True)
+class Cell:
+    name: str
+    factor: str
+    config: TrainConfig
+    seed: int
+
+
+def scale_epochs(cfg: TrainConfig, scale: float) -> TrainConfig:
+    return cfg.replace(epochs=max(1, round(cfg.epochs * scale)))
+
+
+def design(levels: Sequence[Level] = MATRIX_LEVELS, cumulative: Sequence[tuple[str, Sequence[str]]] = CUMULATIVE_PATH,
+           *, seeds: Sequence[int] = (0, 1, 2), epochs_scale: float = 1.0, base: TrainConfig = BASELINE) -> list[Cell]:
+    """Every cell x seed, in run order: baseline, one-factor-at-a-time levels, then the cumulative path."""
+    by_name = {level.name: level for level in levels}
+    groups: list[tuple[str, str, TrainConfig]] = [(BASELINE_CELL, "baseline", base)]
+    groups += [(level.name, level.factor, base.replace(**level.changes)) for level in levels]
+    changes: dict[str, Any] = {}
+    for k, (step, names) in enumerate(cumulative, start=1):
+        missing = [n for n in names if n not in by_name]
+        if missing:
+            raise ValueError(f"cumulative step {step!r} names unknown levels: {missing}")
+        for name in names:
+            changes |= by_name[name].changes
+        groups.append((f"{CUMULATIVE_PREFIX}{k:02d}. {step}", "cumulative", base.replace(**changes)))
+    return [Cell(name, factor, scale_epochs(cfg, epochs_scale), seed) for name, factor, cfg in groups for seed in seeds]
+
+
+def pending(cells: Sequence[Cell], study: optuna.Study) -> list[Cell]:
+    """Cells with no finished, waiting or running trial (failed ones are run again)."""
+    taken = {
+        (t.user_attrs.get(Attr.CELL), t.user_attrs.get(Attr.SEED))
+        for t in study.get_trials(deepcopy=False, states=(*FINISHED, TrialState.WAITING, TrialState.RUNNING))
+    }
+    return [c for c in cells if (c.name, c.seed) not in taken]
+
+
+def describe(cells: Sequence[Cell], train_images: int, done: int) -> list[str]:
+    names = list(dict.fromkeys(c.name for c in cells))
+    lines = [f"{'cell':<40} {'factor':<13} {'epochs':>6} {'seeds':>5}"]
+    for name in names:
+        group = [c for c in cells if c.name == name]
+        lines.append(f"{name:<40} {group[0].factor:<13} {group[0].config.epochs:>6} {len(group):>5}")
+    epoch_images = sum(c.config.epochs for c in cells) * train_images
+    lines.append(f"{len(names)} cells, {len(cells)} trials ({done} already finished); "
+                 f"estimated compute: {epoch_images:,} training images (epochs x images)")
+    return lines
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m bench.matrix", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_study_args(parser)
+    add_data_args(parser)
+    g = parser.add_argument_group("design")
+    g.add_argument("--seeds", type=int, default=3, help="repeats of every cell, seeds SEED..SEED+K-1 (default: 3)")
+    g.add_argument("--epochs-scale", type=float, default=1.0,
+                   help="multiply every cell's epochs (0.25 turns 5/20 into 1/5); the report states it (default: 1)")
+    g.add_argument("--max-epochs", type=int, default=30, help="cap on any cell's epochs (default: 30)")
+    g.add_argument("--dry-run", action="store_true", help="list the cells and the estimated compute, train nothing")
+    g.add_argument("--keep-models", choices=KEEP_POLICIES, default="best", help="(default: best)")
+    g.add_argument("--quiet", action="store_true", help="no per-epoch progress bars")
+    parser.set_defaults(study_name="matrix")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.seeds < 1:
+        raise UsageError(f"--seeds must be 1 or more, got {args.seeds}")
+    if not 0 < args.epochs_scale <= 10:
+        raise UsageError(f"--epochs-scale must be in (0, 10], got {args.epochs_scale}")
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    cells = design(seeds=range(args.seed, args.seed + args.seeds), epochs_scale=args.epochs_scale)
+    cells = [Cell(c.name, c.factor, c.config.replace(epochs=min(c.config.epochs, args.max_epochs)), c.seed) for c in cells]
+    max_epochs = max(c.config.epochs for c in cells)
+    storage_url = args.storage or default_storage(args.study_name)
+    storage = open_storage(storage_url)
+    dataset = load_dataset(args.dataset, args.data_dir, image_size=args.image_size, cache_dir=args.cache_dir)
+    splits = make_splits(dataset, val_split=args.val_split, train_subset=args.train_subset, seed=args.seed)
+    space = build_space(max_epochs)
+    try:
+        existing: optuna.Study | None = optuna.load_study(study_name=args.study_name, storage=storage)
+    except KeyError:
+        existing = None
+    todo = pending(cells, existing) if existing is not None else cells
+    print(f"matrix study {args.study_name!r} ({redact(storage_url)}), data {dataset.name} train={len(splits.train)}")
+    print("\n".join(describe(cells, len(splits.train), len(cells) - len(todo))))
+    if args.dry_run:
+        print(f"dry run: {len(todo)} trials would be enqueued; nothing was written")
+        return 0
+    meta = StudyMeta(dataset.source, space_signature(space), args.image_size, args.val_split, args.train_subset)
+    study, is_new = open_study(args.study_name, storage, sampler=optuna.samplers.RandomSampler(seed=args.seed),
+                               pruner=optuna.pruners.NopPruner(), meta=meta, force=False)
+    if is_new:
+        study.set_user_attr("bench.epochs_scale", args.epochs_scale)
+        study.set_user_attr("bench.design", "matrix")
+    elif study.user_attrs.get("bench.epochs_scale", args.epochs_scale) != args.epochs_scale:
+        raise UsageError(f"study {args.study_name!r} was run with --epochs-scale {study.user_attrs['bench.epochs_scale']}; "
+                         "use the same scale or another --study-name")
+    for cell in todo:
+        study.enqueue_trial(params_for_config(cell.config, space), user_attrs={Attr.CELL: cell.name, Attr.SEED: cell.seed})
+    waiting = len(study.get_trials(deepcopy=False, states=(TrialState.WAITING,)))
+    store = open_store(artifact_dir(storage_url, args.study_name))
+    objective = Objective(splits, space, TrialSettings(device=args.device, precision=args.precision, seed=args.seed,
+                                                       progress=not args.quiet),
+                          on_model=CheckpointSink(store, storage, args.keep_models, dataset))
+    report = lambda s, t: print(f"{t.user_attrs.get(Attr.CELL, '?'):<40} seed={t.user_attrs.get(Attr.SEED)} {trial_line(t)}", flush=True)  # noqa: E731
+    study.optimize(objective, n_trials=waiting, catch=(Exception,), callbacks=[report], gc_after_trial=True)
+    print_summary(study)
+    print(f"report: python -m bench.report --study {args.study_name}"
+          + (f" --storage {redact(storage_url)}" if args.storage else ""))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(run_cli(main))

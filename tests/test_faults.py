@@ -1,0 +1,134 @@
+"""Training faults and bad input: one-line errors, exit status 2, nothing stored changed."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from pathlib import Path
+
+import optuna
+import pytest
+from optuna.trial import TrialState
+
+import bench.objective
+from bench.errors import run_cli
+from bench.objective import Attr
+from bench.run import main
+
+
+@pytest.fixture
+def base_args(rgb_folder, cache_dir, tmp_path):
+    storage = f"sqlite:///{tmp_path / 'studies' / 'f.db'}"
+    return ["--dataset", str(rgb_folder), "--cache-dir", str(cache_dir), "--max-epochs", "1", "--study-name", "f",
+            "--storage", storage, "--val-split", "0.25", "--quiet"], storage
+
+
+def run(*args: str) -> int:
+    return run_cli(main, list(args))
+
+
+def test_a_diverging_trial_is_pruned_as_diverged_and_the_study_goes_on(base_args, monkeypatch):
+    args, storage = base_args
+    real = bench.objective.suggest
+
+    def huge_lr_first(trial, space, grid_only=False):
+        params = real(trial, space, grid_only=grid_only)
+        if trial.number == 0:
+            params |= {"optimizer": "sgd", "lr": 1e6, "momentum": 0.9}
+        return params
+
+    monkeypatch.setattr(bench.objective, "suggest", huge_lr_first)
+    assert run(*args, "--trials", "2", "--max-epochs", "3", "--pruner", "none") == 0
+    study = optuna.load_study(study_name="f", storage=storage)
+    first = study.trials[0]
+    assert first.state == TrialState.PRUNED and first.user_attrs[Attr.STOP_REASON] == "diverged"
+    assert study.trials[1].state == TrialState.COMPLETE
+
+
+def test_an_exception_is_recorded_and_all_failing_stops_with_a_clear_error(base_args, monkeypatch, capsys):
+    args, storage = base_args
+
+    def broken(*a, **k):
+        raise RuntimeError("disk on fire")
+
+    monkeypatch.setattr(bench.objective, "fit", broken)
+    assert run(*args, "--trials", "5") == 1
+    err = capsys.readouterr().err
+    assert "3 trials in a row failed" in err and "disk on fire" in err
+    study = optuna.load_study(study_name="f", storage=storage)
+    assert [t.state for t in study.trials] == [TrialState.FAIL] * 3
+    assert study.trials[0].user_attrs[Attr.FAIL_REASON] == "RuntimeError: disk on fire"
+
+
+def _digest(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+@pytest.mark.parametrize("case, message", [
+    ("unknown-name", "neither a known name"),
+    ("empty-dir", "needs train/ and test/"),
+    ("class-mismatch", "train and test classes differ"),
+    ("corrupt-image", "cannot read image"),
+    ("zero-trials", "--trials must be 1 or more"),
+    ("negative-trials", "--trials must be 1 or more"),
+    ("malformed-url", "not a database URL"),
+    ("unreachable-url", "cannot open storage"),
+    ("other-dataset", "--force"),
+    ("other-space", "--force"),
+])
+def test_bad_input_leaves_the_stored_study_untouched(base_args, tmp_path, capsys, case, message):
+    from bench.fixtures import make_image_folder
+
+    args, storage = base_args
+    assert run(*args, "--trials", "1") == 0
+    db = Path(storage.removeprefix("sqlite:///"))
+    before = _digest(db)
+    capsys.readouterr()
+    dataset_at = args.index("--dataset") + 1
+    bad = list(args)
+    extra = ["--trials", "2"]
+    if case == "unknown-name":
+        bad[dataset_at] = "imagenet"
+    elif case == "empty-dir":
+        (tmp_path / "empty").mkdir()
+        bad[dataset_at] = str(tmp_path / "empty")
+    elif case in ("class-mismatch", "corrupt-image", "other-dataset"):
+        root = make_image_folder(tmp_path / case)
+        if case == "class-mismatch":
+            (root / "test" / "dog").rename(root / "test" / "wolf")
+        if case == "corrupt-image":
+            (root / "test" / "dog" / "0001.png").write_bytes(b"\x89PNG broken")
+        bad[dataset_at] = str(root)
+    elif case in ("zero-trials", "negative-trials"):
+        extra = ["--trials", "0" if case == "zero-trials" else "-3"]
+    elif case == "malformed-url":
+        bad[bad.index("--storage") + 1] = "studies/f.db"
+    elif case == "unreachable-url":
+        bad[bad.index("--storage") + 1] = "postgresql://user:hunter2@127.0.0.1:9/none"
+    elif case == "other-space":
+        extra += ["--max-epochs", "4"]
+    assert run(*bad, *extra) == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err and len(err.splitlines()) == 1 and err.startswith("error: ")
+    assert "hunter2" not in err
+    assert _digest(db) == before
+
+
+def test_unwritable_studies_directory(rgb_folder, cache_dir, tmp_path, capsys):
+    blocker = tmp_path / "studies"
+    blocker.write_text("a file where the studies directory should be")
+    args = ["--dataset", str(rgb_folder), "--cache-dir", str(cache_dir), "--study-name", "x", "--quiet",
+            "--storage", f"sqlite:///{blocker / 'x.db'}", "--trials", "1"]
+    assert run(*args) == 2
+    assert "cannot create" in capsys.readouterr().err
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root writes through read-only permissions")
+def test_read_only_studies_directory(rgb_folder, cache_dir, tmp_path, capsys):
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    ro.chmod(0o555)
+    args = ["--dataset", str(rgb_folder), "--cache-dir", str(cache_dir), "--study-name", "x", "--quiet",
+            "--storage", f"sqlite:///{ro / 'x.db'}", "--trials", "1"]
+    assert run(*args) == 2
+    assert "not writable" in capsys.readouterr().err

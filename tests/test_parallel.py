@@ -1,0 +1,157 @@
+"""Many workers, crashes and interrupts, on real storages (PostgreSQL when BENCH_PG_URL is set)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from pathlib import Path
+
+import optuna
+import pytest
+from optuna.trial import TrialState
+
+from bench.fixtures import make_image_folder
+from bench.study import open_storage
+
+PG_URL = os.environ.get("BENCH_PG_URL")
+postgres = pytest.mark.skipif(not PG_URL, reason="needs BENCH_PG_URL (nox -s postgres starts a server)")
+
+
+@pytest.fixture
+def workdir(tmp_path: Path) -> Path:
+    make_image_folder(tmp_path / "tiny", per_class=20, test_per_class=5)
+    return tmp_path
+
+
+def bench_run(workdir: Path, *args: str) -> subprocess.Popen:
+    cmd = [sys.executable, "-m", "bench.run", "--dataset", "tiny", "--cache-dir", "cache", "--val-split", "0.25",
+           "--quiet", "--sampler", "random", *args]
+    return subprocess.Popen(cmd, cwd=workdir, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def finish(proc: subprocess.Popen, timeout: float = 240) -> tuple[int, str]:
+    out, _ = proc.communicate(timeout=timeout)
+    return proc.returncode, out
+
+
+def load(url: str, name: str) -> optuna.Study:
+    return optuna.load_study(study_name=name, storage=open_storage(url, heartbeat=False))
+
+
+def assert_exact(study: optuna.Study, target: int) -> None:
+    trials = study.get_trials()
+    finished = [t for t in trials if t.state in (TrialState.COMPLETE, TrialState.PRUNED)]
+    assert len(finished) == target
+    assert not [t for t in trials if t.state == TrialState.FAIL]
+    assert len({t.number for t in trials}) == len(trials)
+    assert len({t._trial_id for t in trials}) == len(trials)
+
+
+def test_four_local_workers_share_one_journal_study(workdir):
+    code, out = finish(bench_run(workdir, "--trials", "8", "--workers", "4", "--max-epochs", "1", "--study-name", "w"))
+    assert code == 0, out
+    assert out.count("worker ") >= 4 and "journal:///studies/w.journal" in out
+    assert (workdir / "studies" / "w.journal").exists()
+    study = load(f"journal:///{workdir / 'studies' / 'w.journal'}", "w")
+    assert_exact(study, 8)
+    assert len(study.get_trials(states=(TrialState.WAITING, TrialState.RUNNING))) == 0
+
+
+@postgres
+def test_four_workers_on_postgresql(workdir):
+    name = f"pg-{uuid.uuid4().hex[:8]}"
+    code, out = finish(bench_run(workdir, "--trials", "8", "--workers", "4", "--max-epochs", "1", "--study-name", name,
+                                 "--storage", PG_URL))
+    assert code == 0, out
+    password = PG_URL.split(":")[2].split("@")[0]
+    assert password not in out  # credentials never shown
+    assert_exact(load(PG_URL, name), 8)
+
+
+def _wait_for(predicate, timeout: float = 120.0) -> None:
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        if predicate():
+            return
+        time.sleep(0.2)
+    raise AssertionError("condition not reached in time")
+
+
+def _running_after(url: str, name: str, finished_at_least: int):
+    def check() -> bool:
+        try:
+            study = load(url, name)
+        except Exception:  # not created yet
+            return False
+        trials = study.get_trials(deepcopy=False)
+        done = sum(t.state in (TrialState.COMPLETE, TrialState.PRUNED) for t in trials)
+        return done >= finished_at_least and any(t.state == TrialState.RUNNING for t in trials)
+    return check
+
+
+def _kill_worker_mid_trial_then_resume(workdir: Path, url: str, name: str, extra: list[str], wait_s: float) -> None:
+    # trials long enough to be caught mid-way: more images, up to 15 epochs
+    make_image_folder(workdir / "tiny", per_class=150, test_per_class=5, seed=1)
+    args = ["--trials", "6", "--workers", "2", "--max-epochs", "15", "--no-baseline", "--study-name", name,
+            "--storage", url, "--pruner", "none", *extra]
+    proc = bench_run(workdir, *args)
+    lines: list[str] = []
+    reader = threading.Thread(target=lambda: lines.extend(proc.stdout), daemon=True)
+    reader.start()
+    _wait_for(_running_after(url, name, 2))
+    victim = next(t for t in load(url, name).trials if t.state == TrialState.RUNNING)
+    os.kill(int(victim.user_attrs["worker"].rsplit(":", 1)[1]), signal.SIGKILL)
+    proc.wait(timeout=240)
+    reader.join(timeout=10)
+    assert proc.returncode == 1, "".join(lines)  # the coordinator reports the dead worker
+
+    before = load(url, name)
+    intact = {t.number: (t.state, t.value, t.params) for t in before.trials
+              if t.state.is_finished() and t.number != victim.number}
+    time.sleep(wait_s)  # heartbeat storages: let the grace period pass
+
+    code, out = finish(bench_run(workdir, *args))
+    assert code == 0, out
+    after = load(url, name)
+    dead = after.trials[victim.number]
+    assert dead.state == TrialState.FAIL
+    retries = [t for t in after.trials if t.params == dead.params and t.number != dead.number]
+    assert retries and retries[0].state in (TrialState.COMPLETE, TrialState.PRUNED)
+    for t in after.trials:
+        if t.number in intact:
+            assert (t.state, t.value, t.params) == intact[t.number]
+    assert len(after.get_trials(states=(TrialState.COMPLETE, TrialState.PRUNED))) == 6
+
+
+def test_sigkilled_worker_is_failed_retried_and_the_total_is_right(workdir):
+    url = f"sqlite:///{workdir / 'studies' / 'k.db'}"
+    _kill_worker_mid_trial_then_resume(workdir, url, "k", ["--heartbeat", "60"], wait_s=0)
+
+
+@postgres
+def test_sigkilled_worker_on_postgresql_is_failed_by_heartbeat(workdir):
+    name = f"pgk-{uuid.uuid4().hex[:8]}"
+    _kill_worker_mid_trial_then_resume(workdir, PG_URL, name, ["--heartbeat", "1"], wait_s=4)
+
+
+def test_sigint_fails_the_running_trial_as_interrupted_and_a_rerun_resumes(workdir):
+    make_image_folder(workdir / "tiny", per_class=150, test_per_class=5, seed=1)
+    url = f"sqlite:///{workdir / 'studies' / 'i.db'}"
+    args = ["--trials", "3", "--max-epochs", "15", "--study-name", "i", "--storage", url, "--pruner", "none"]
+    proc = bench_run(workdir, *args)
+    _wait_for(_running_after(url, "i", 1))
+    proc.send_signal(signal.SIGINT)
+    code, out = finish(proc)
+    assert code == 130, out
+    assert "interrupted" in out and "trials by state" in out
+    study = load(url, "i")
+    [failed] = study.get_trials(states=(TrialState.FAIL,))
+    assert failed.user_attrs["fail_reason"] == "interrupted"
+    code, out = finish(bench_run(workdir, *args))
+    assert code == 0, out
+    assert len(load(url, "i").get_trials(states=(TrialState.COMPLETE, TrialState.PRUNED))) == 3

@@ -68,17 +68,18 @@ def lint(session: nox.Session) -> None:
 
 @nox.session(python="3.11")
 def smoke(session: nox.Session) -> None:
-    """A 2-trial, 1-epoch study on generated data, then its report."""
+    """A 2-trial, 1-epoch study on generated data, then its report (posargs go to bench.run)."""
     install(session)
     tmp = session.create_tmp()
     session.run("python", "-m", "bench.fixtures", f"{tmp}/tiny")
+    storage = f"sqlite:///{tmp}/smoke.db"
     session.run("python", "-m", "bench.run", "--trials", "2", "--max-epochs", "1", "--dataset", f"{tmp}/tiny",
-                "--study-name", "smoke", "--storage", f"sqlite:///{tmp}/smoke.db", "--cache-dir", f"{tmp}/cache",
-                *session.posargs)
+                "--study-name", "smoke", "--storage", storage, "--cache-dir", f"{tmp}/cache", *session.posargs)
+    session.run("python", "-m", "bench.report", "--study", "smoke", "--storage", storage, "--out", f"{tmp}/report")
 
 
 @nox.session(python="3.11", default=False)
 def perf(session: nox.Session) -> None:
     """Classic per-image pipeline vs the harness, side by side (posargs go to bench.perf)."""
-    install(session)
+    install(session, "perf")
     session.run("python", "-m", "bench.perf", "--dataset", SHARED_CIFAR, *session.posargs)

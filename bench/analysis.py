@@ -15,7 +15,6 @@ from typing import Any
 import numpy as np
 import optuna
 import pandas as pd
-from optuna.distributions import CategoricalDistribution
 
 from bench.objective import Attr
 from bench.space import BASELINE, CONFIG_FIELDS, FACTORS, MATRIX_LEVELS, Level, Param, build_space, config_from_params
@@ -198,10 +197,12 @@ def baseline_rows(trials: pd.DataFrame) -> pd.Series:
 
 
 def cumulative_frame(trials: pd.DataFrame, metric: str = "test_acc") -> pd.DataFrame:
-    """The designed cumulative path, step by step, in the order it was declared (cells 'cumulative: k. name')."""
+    """The designed cumulative path from the baseline, step by step, in declared order ('cumulative: k. name')."""
     done = trials[(trials["state"] == "COMPLETE") & trials[metric].notna()]
     cells = done["cell"].dropna()
     steps = sorted({c for c in cells if c.startswith(CUMULATIVE_PREFIX)})
+    if steps and (cells == BASELINE_CELL).any():
+        steps.insert(0, BASELINE_CELL)
     rows = []
     for step in steps:
         ci = bootstrap_mean(done.loc[done["cell"] == step, metric].to_numpy() * 100)
@@ -233,7 +234,3 @@ def param_importances(study: optuna.Study) -> dict[str, float]:
     except (RuntimeError, ValueError):  # e.g. no parameter common to all completed trials
         return {}
     return {k: float(v) for k, v in scores.items()}
-
-
-def is_categorical(name: str, space: tuple[Param, ...]) -> bool:
-    return any(p.name == name and isinstance(p.distribution, CategoricalDistribution) for p in space)

@@ -25,6 +25,7 @@ from bench.objective import Attr, Objective, TrialSettings
 from bench.run import add_data_args, add_study_args, print_summary, trial_line
 from bench.space import BASELINE, CUMULATIVE_PATH, MATRIX_LEVELS, Level, TrainConfig, build_space, params_for_config
 from bench.study import FINISHED, StudyMeta, default_storage, open_storage, open_study, space_signature
+from bench.train import resolve_device
 
 
 @dataclass(frozen=True)
@@ -101,6 +102,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not 0 < args.epochs_scale <= 10:
         raise UsageError(f"--epochs-scale must be in (0, 10], got {args.epochs_scale}")
     optuna.logging.set_verbosity(optuna.logging.WARNING)
+    resolve_device(args.device)
     cells = design(seeds=range(args.seed, args.seed + args.seeds), epochs_scale=args.epochs_scale)
     cells = [Cell(c.name, c.factor, c.config.replace(epochs=min(c.config.epochs, args.max_epochs)), c.seed) for c in cells]
     max_epochs = max(c.config.epochs for c in cells)
@@ -133,7 +135,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     waiting = len(study.get_trials(deepcopy=False, states=(TrialState.WAITING,)))
     store = open_store(artifact_dir(storage_url, args.study_name))
     objective = Objective(splits, space, TrialSettings(device=args.device, precision=args.precision, seed=args.seed,
-                                                       progress=not args.quiet),
+                                                       progress=not args.quiet, compile_model=args.compile),
                           on_model=CheckpointSink(store, storage, args.keep_models, dataset))
     report = lambda s, t: print(f"{t.user_attrs.get(Attr.CELL, '?'):<40} seed={t.user_attrs.get(Attr.SEED)} {trial_line(t)}", flush=True)  # noqa: E731
     study.optimize(objective, n_trials=waiting, catch=(Exception,), callbacks=[report], gc_after_trial=True)

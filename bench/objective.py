@@ -43,6 +43,7 @@ class TrialSettings:
     seed: int = 0
     grid_only: bool = False
     progress: bool = True
+    compile_model: bool = False
 
 
 ModelSink = Callable[[optuna.Trial, torch.nn.Module, TrainConfig, float], None]
@@ -79,7 +80,8 @@ class Objective:
 
         try:
             result = fit(model, self.splits, cfg, device=self.device, precision=self.settings.precision,
-                         seed=seed, on_epoch=report_epoch, progress=self.settings.progress)
+                         seed=seed, on_epoch=report_epoch, progress=self.settings.progress,
+                         compile_model=self.settings.compile_model)
         except Diverged as exc:
             trial.set_user_attr(Attr.STOP_REASON, "diverged")
             trial.set_user_attr(Attr.FAIL_REASON, str(exc))

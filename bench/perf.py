@@ -134,6 +134,49 @@ def summarize(results: list[PathResult]) -> list[str]:
     return lines
 
 
+def augment_benchmark(device: torch.device, batch: int = 128, repeats: int = 50) -> list[str]:
+    """ms per batch for the full augmentation stack: bench.augment vs kornia (if installed) vs per-image v2."""
+    from torchvision.transforms import v2
+
+    from bench.augment import AugmentConfig, BatchAugment
+
+    images = torch.randint(0, 256, (batch, 3, 32, 32), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    images = images.to(device)
+    g = torch.Generator(device=device).manual_seed(0)
+    cfg = AugmentConfig(crop_padding=4, flip=True, jitter=0.2, rotation_degrees=15, shear_degrees=10, scale=0.2,
+                        grayscale_p=0.1, erasing_p=0.2)
+    ours = BatchAugment(cfg, (0.5,) * 3, (0.25,) * 3, device)
+    candidates = {"bench.augment (per-sample, batched)": lambda: ours(images, g)}
+    try:
+        import kornia.augmentation as K
+
+        stack = K.AugmentationSequential(
+            K.RandomCrop((32, 32), padding=4), K.RandomHorizontalFlip(), K.RandomAffine(15, shear=10, scale=(0.8, 1.2), p=1.0),
+            K.ColorJitter(0.2, 0.2, 0.2, p=1.0), K.RandomGrayscale(p=0.1), K.Normalize(torch.tensor([0.5] * 3), torch.tensor([0.25] * 3)),
+            K.RandomErasing(p=0.2)).to(device)
+        candidates["kornia (per-sample, batched)"] = lambda: stack(images.float() / 255)
+    except ImportError:
+        pass
+    per_image = v2.Compose([v2.RandomCrop(32, padding=4), v2.RandomHorizontalFlip(), v2.RandomRotation(15),
+                            v2.RandomAffine(0, shear=10, scale=(0.8, 1.2)), v2.ColorJitter(0.2, 0.2, 0.2),
+                            v2.RandomGrayscale(0.1), v2.ToDtype(torch.float32, scale=True),
+                            v2.Normalize([0.5] * 3, [0.25] * 3), v2.RandomErasing(0.2)])
+    candidates["torchvision v2, one image at a time"] = lambda: torch.stack([per_image(im) for im in images])
+    lines = [f"augmentation, batch {batch} of 3x32x32 on {device}, {repeats} repeats:"]
+    for name, fn in candidates.items():
+        fn()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        for _ in range(repeats):
+            fn()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        ms = (time.perf_counter() - t0) / repeats * 1e3
+        lines.append(f"  {name:<40} {ms:8.2f} ms/batch {batch / ms * 1e3:10.0f} images/s")
+    return lines
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m bench.perf", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -145,12 +188,17 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda (default: auto)")
     parser.add_argument("--precision", choices=PRECISIONS, default="auto", help="harness precision (default: auto)")
     parser.add_argument("--paths", default="classic,harness", help="which paths to run (default: classic,harness)")
+    parser.add_argument("--augment", action="store_true",
+                        help="only time the augmentation stack: bench.augment vs kornia (if installed) vs per-image v2")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.augment:
+        print("\n".join(augment_benchmark(resolve_device(args.device))))
+        return 0
     root = Path(args.dataset)
     if not (root / "train").is_dir():
         raise UsageError(f"--dataset {root} has no train/ folder; bench.perf compares pipelines on an ImageFolder tree")

@@ -35,7 +35,7 @@ from bench.study import (
     run_trials,
     space_signature,
 )
-from bench.train import PRECISIONS
+from bench.train import PRECISIONS, resolve_device
 
 INTERRUPTED_EXIT = 130
 
@@ -65,6 +65,7 @@ def add_data_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--precision", choices=PRECISIONS, default="auto",
                    help="autocast dtype; auto = bf16 on CUDA and on CPUs with bf16 support, else fp32 (default: auto)")
     g.add_argument("--seed", type=int, default=0, help="seed for splits, sampler and trial seeds (default: 0)")
+    g.add_argument("--compile", action="store_true", help="torch.compile each model (compiled once per trial; off by default)")
 
 
 def add_study_args(parser: argparse.ArgumentParser) -> None:
@@ -126,6 +127,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         raise UsageError(f"--trials must be 1 or more, got {args.trials}")
     if args.workers < 1:
         raise UsageError(f"--workers must be 1 or more, got {args.workers}")
+    for device in (args.devices or args.device).split(","):
+        resolve_device(device)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -162,7 +165,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.workers > 1:
             return spawn_workers(argv, args, storage_url, study)
     settings = TrialSettings(device=args.device, precision=args.precision, seed=args.seed,
-                             grid_only=args.sampler == "grid", progress=not args.quiet)
+                             grid_only=args.sampler == "grid", progress=not args.quiet, compile_model=args.compile)
     store = open_store(Path(args.artifacts) if args.artifacts else artifact_dir(storage_url, args.study_name))
     objective = Objective(splits, space, settings, on_model=CheckpointSink(store, storage, args.keep_models, dataset))
     guard = FailureGuard()
@@ -193,7 +196,7 @@ def _raise_interrupt(signum: int, frame: object) -> None:
 def spawn_workers(argv: list[str], args: argparse.Namespace, storage_url: str, study: optuna.Study) -> int:
     """Run `args.workers` processes of this command on one study; one device each when --devices is given."""
     devices = args.devices.split(",") if args.devices else [args.device]
-    on_cpu = all(d in ("cpu", "auto") and not torch.cuda.is_available() or d == "cpu" for d in devices)
+    on_cpu = all(resolve_device(d).type == "cpu" for d in devices)  # also rejects unknown devices up front
     threads = max(1, (os.cpu_count() or 1) // args.workers) if on_cpu else 0
     procs = []
     for i in range(args.workers):

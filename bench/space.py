@@ -216,17 +216,6 @@ def grid_search_space(space: tuple[Param, ...]) -> dict[str, list[Any]]:
     return {p.name: list(p.grid) for p in space if p.grid is not None}
 
 
-def factor_of(name: str, space: tuple[Param, ...]) -> str:
-    for param in space:
-        if param.name == name:
-            return param.factor
-    raise KeyError(name)
-
-
-def baseline_config(max_epochs: int) -> TrainConfig:
-    return BASELINE.replace(epochs=min(BASELINE.epochs, max_epochs))
-
-
 # Reference models of the course material, as changes to the baseline. SimpleCNN's
 # Normalize(0.5, 0.5) is not reproduced: the harness normalises per dataset.
 PRESETS: dict[str, Mapping[str, Any]] = {

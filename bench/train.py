@@ -20,6 +20,7 @@ from tqdm.auto import tqdm
 
 from bench.augment import AugmentConfig, BatchAugment
 from bench.data import Split, Splits
+from bench.errors import UsageError
 from bench.space import TrainConfig
 
 EVAL_BATCH = 1024
@@ -36,9 +37,14 @@ class Diverged(RuntimeError):
 def resolve_device(name: str = "auto") -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise UsageError(f"--device {name!r} is not a device; use auto, cpu, cuda or cuda:N") from None
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError("--device cuda was asked for but no CUDA device is available; use --device cpu or auto")
+        raise UsageError(f"--device {name} was asked for but no CUDA device is available; use --device cpu or auto")
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        raise UsageError(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA device(s)")
     return device
 
 
@@ -185,7 +191,7 @@ def _place(split: Split, device: torch.device, log: Callable[[str], None]) -> Sp
 
 def fit(model: nn.Module, splits: Splits, cfg: TrainConfig, *, device: torch.device, precision: str = "auto",
         seed: int = 0, on_epoch: EpochCallback | None = None, progress: bool = True,
-        log: Callable[[str], None] = tqdm.write) -> FitResult:
+        log: Callable[[str], None] = tqdm.write, compile_model: bool = False) -> FitResult:
     """Train `model` on `splits.train` for `cfg.epochs`, validating after every epoch, then test once.
 
     `on_epoch(epoch, train_loss, val_acc)` may raise to stop (that is how pruning works).
@@ -196,7 +202,9 @@ def fit(model: nn.Module, splits: Splits, cfg: TrainConfig, *, device: torch.dev
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
     model = model.to(device, memory_format=torch.channels_last)
-    train, val, test = (_place(s, device, log) for s in (splits.train, splits.val, splits.test))
+    net = torch.compile(model) if compile_model else model  # shares the parameters; `model` stays saveable
+    train, val = _place(splits.train, device, log), _place(splits.val, device, log)
+    test = val if splits.val_is_test else _place(splits.test, device, log)
     dataset = splits.dataset
     augment = BatchAugment(AugmentConfig.from_train_config(cfg, dataset.crop_padding), dataset.mean, dataset.std, device)
     plain = BatchAugment(AugmentConfig(), dataset.mean, dataset.std, device)
@@ -226,7 +234,7 @@ def fit(model: nn.Module, splits: Splits, cfg: TrainConfig, *, device: torch.dev
             x = augment(train.images[idx].to(device, non_blocking=True), gen).contiguous(memory_format=torch.channels_last)
             y = train.labels[idx].to(device, non_blocking=True)
             with autocast(device, dtype):
-                logits = model(x)
+                logits = net(x)
             loss = loss_fn(logits.float(), y)
             optimizer.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
@@ -244,7 +252,7 @@ def fit(model: nn.Module, splits: Splits, cfg: TrainConfig, *, device: torch.dev
                 bar.set_postfix(loss=f"{running:.3f}")
         train_loss = loss_sum.item() / batches[-1][1]
         t1 = time.perf_counter()
-        val_acc = evaluate(model, val, plain, device, dtype)
+        val_acc = evaluate(net, val, plain, device, dtype)
         t2 = time.perf_counter()
         train_time += t1 - t0
         eval_time += t2 - t1
@@ -269,7 +277,7 @@ def fit(model: nn.Module, splits: Splits, cfg: TrainConfig, *, device: torch.dev
     if best_state is not None:  # early stopping keeps the best epoch's weights
         model.load_state_dict(best_state)
     t3 = time.perf_counter()
-    result.test_acc = evaluate(model, test, plain, device, dtype)
+    result.test_acc = evaluate(net, test, plain, device, dtype)
     eval_time += time.perf_counter() - t3
     eval_images += len(test)
     result.train_seconds = time.perf_counter() - started

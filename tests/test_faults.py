@@ -8,6 +8,7 @@ from pathlib import Path
 
 import optuna
 import pytest
+import torch
 from optuna.trial import TrialState
 
 import bench.objective
@@ -60,6 +61,26 @@ def test_an_exception_is_recorded_and_all_failing_stops_with_a_clear_error(base_
     assert study.trials[0].user_attrs[Attr.FAIL_REASON] == "RuntimeError: disk on fire"
 
 
+def test_out_of_memory_fails_the_trial_with_its_reason(base_args, monkeypatch):
+    args, storage = base_args
+    calls = []
+
+    def oom_once(*a, **k):
+        calls.append(1)
+        if len(calls) == 1:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
+        return real_fit(*a, **k)
+
+    real_fit = bench.objective.fit
+    monkeypatch.setattr(bench.objective, "fit", oom_once)
+    assert run(*args, "--trials", "1") == 0
+    study = optuna.load_study(study_name="f", storage=storage)
+    first, second = study.trials
+    assert first.state == TrialState.FAIL
+    assert first.user_attrs[Attr.FAIL_REASON].startswith("out of memory: CUDA out of memory")
+    assert second.state == TrialState.COMPLETE
+
+
 def _digest(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
@@ -75,6 +96,7 @@ def _digest(path: Path) -> str:
     ("unreachable-url", "cannot open storage"),
     ("other-dataset", "--force"),
     ("other-space", "--force"),
+    ("bad-device", "is not a device"),
 ])
 def test_bad_input_leaves_the_stored_study_untouched(base_args, tmp_path, capsys, case, message):
     from bench.fixtures import make_image_folder
@@ -107,6 +129,8 @@ def test_bad_input_leaves_the_stored_study_untouched(base_args, tmp_path, capsys
         bad[bad.index("--storage") + 1] = "postgresql://user:hunter2@127.0.0.1:9/none"
     elif case == "other-space":
         extra += ["--max-epochs", "4"]
+    elif case == "bad-device":
+        extra += ["--device", "gpu"]
     assert run(*bad, *extra) == 2
     err = capsys.readouterr().err.strip()
     assert message in err and len(err.splitlines()) == 1 and err.startswith("error: ")

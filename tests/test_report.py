@@ -176,3 +176,16 @@ def test_cli_missing_study_is_a_usage_error(tmp_path, capsys):
     optuna.create_study(study_name="other", storage=f"sqlite:///{tmp_path}/x.db")
     assert run_cli(main, ["--study", "nope", "--storage", f"sqlite:///{tmp_path}/x.db"]) == 2
     assert "holds: other" in capsys.readouterr().err
+
+
+def test_cumulative_path_starts_at_the_baseline_in_declared_order():
+    from bench.analysis import cumulative_frame
+
+    study = designed_study()
+    for step, accs in (("02. +b", (0.70, 0.72)), ("01. +a", (0.60, 0.62))):
+        for acc in accs:
+            add_trial(study, BASELINE.replace(epochs=4), test_acc=acc, cell=f"cumulative: {step}")
+    path = cumulative_frame(trials_frame(study, SPACE))
+    assert path["step"].tolist() == [BASELINE_CELL, "01. +a", "02. +b"]
+    assert path["mean_acc"].tolist() == pytest.approx([52.0, 61.0, 71.0])
+    assert path["n"].tolist() == [3, 2, 2]

@@ -18,6 +18,7 @@ from bench.space import (
     preset_config,
     suggest,
 )
+from bench.study import PRUNERS, SAMPLERS, create_pruner, create_sampler
 
 
 def test_every_param_is_a_config_field_with_a_factor():
@@ -81,3 +82,22 @@ def test_matrix_levels_change_known_fields_only():
 def test_unknown_parameter_is_rejected():
     with pytest.raises(ValueError, match="unknown parameters"):
         config_from_params({"learning_rate": 0.1})
+
+
+@pytest.mark.parametrize("sampler_name", sorted(SAMPLERS))
+@pytest.mark.parametrize("pruner_name", sorted(PRUNERS))
+def test_every_sampler_and_pruner_drives_the_space(sampler_name, pruner_name):
+    space = build_space(max_epochs=3)
+    study = optuna.create_study(direction="maximize", sampler=create_sampler(sampler_name, 0, space),
+                                pruner=create_pruner(pruner_name, 3))
+    study.enqueue_trial(params_for_config(BASELINE.replace(epochs=3), space))
+
+    def objective(trial):
+        cfg = config_from_params(suggest(trial, space, grid_only=sampler_name == "grid"))
+        for epoch in range(1, cfg.epochs + 1):
+            trial.report(cfg.lr * epoch, epoch)
+        return cfg.lr
+
+    study.optimize(objective, n_trials=4)
+    assert len(study.trials) == 4
+    assert config_from_params(study.trials[0].params) == BASELINE.replace(epochs=3)

@@ -19,12 +19,11 @@ from optuna.trial import TrialState
 
 from bench.analysis import BASELINE_CELL, CUMULATIVE_PREFIX
 from bench.checkpoint import KEEP_POLICIES, CheckpointSink, artifact_dir, open_store
-from bench.data import load_dataset, make_splits
 from bench.errors import UsageError, redact, run_cli
 from bench.objective import Attr, Objective, TrialSettings
-from bench.run import add_data_args, add_study_args, print_summary, trial_line
+from bench.run import add_data_args, add_study_args, load_data_args, print_summary, study_meta, trial_line
 from bench.space import BASELINE, CUMULATIVE_PATH, MATRIX_LEVELS, Level, TrainConfig, build_space, params_for_config
-from bench.study import FINISHED, StudyMeta, default_storage, open_storage, open_study, space_signature
+from bench.study import FINISHED, default_storage, open_storage, open_study
 from bench.train import resolve_device
 
 
@@ -108,8 +107,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     max_epochs = max(c.config.epochs for c in cells)
     storage_url = args.storage or default_storage(args.study_name)
     storage = open_storage(storage_url)
-    dataset = load_dataset(args.dataset, args.data_dir, image_size=args.image_size, cache_dir=args.cache_dir)
-    splits = make_splits(dataset, val_split=args.val_split, train_subset=args.train_subset, seed=args.seed)
+    dataset, splits = load_data_args(args)
     space = build_space(max_epochs)
     try:
         existing: optuna.Study | None = optuna.load_study(study_name=args.study_name, storage=storage)
@@ -121,7 +119,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.dry_run:
         print(f"dry run: {len(todo)} trials would be enqueued; nothing was written")
         return 0
-    meta = StudyMeta(dataset.source, space_signature(space), args.image_size, args.val_split, args.train_subset)
+    meta = study_meta(args, dataset, space)
     study, is_new = open_study(args.study_name, storage, sampler=optuna.samplers.RandomSampler(seed=args.seed),
                                pruner=optuna.pruners.NopPruner(), meta=meta, force=False)
     if is_new:

@@ -15,11 +15,11 @@ import torch
 from optuna.trial import FrozenTrial, TrialState
 
 from bench.checkpoint import KEEP_POLICIES, CheckpointSink, artifact_dir, open_store
-from bench.data import DATASETS, load_dataset, make_splits
+from bench.data import DATASETS, Dataset, Splits, load_dataset, make_splits
 from bench.errors import UsageError, redact, run_cli
 from bench.locks import RunLock, TrialGate
 from bench.objective import Attr, Objective, TrialSettings
-from bench.space import PRESETS, build_space, params_for_config, preset_config
+from bench.space import PRESETS, Param, build_space, params_for_config, preset_config
 from bench.study import (
     PRUNERS,
     SAMPLERS,
@@ -66,6 +66,17 @@ def add_data_args(parser: argparse.ArgumentParser) -> None:
                    help="autocast dtype; auto = bf16 on CUDA and on CPUs with bf16 support, else fp32 (default: auto)")
     g.add_argument("--seed", type=int, default=0, help="seed for splits, sampler and trial seeds (default: 0)")
     g.add_argument("--compile", action="store_true", help="torch.compile each model (compiled once per trial; off by default)")
+
+
+def load_data_args(args: argparse.Namespace) -> tuple[Dataset, Splits]:
+    """The dataset and its seeded splits, as the shared data options (add_data_args) describe them."""
+    dataset = load_dataset(args.dataset, args.data_dir, image_size=args.image_size, cache_dir=args.cache_dir)
+    return dataset, make_splits(dataset, val_split=args.val_split, train_subset=args.train_subset, seed=args.seed)
+
+
+def study_meta(args: argparse.Namespace, dataset: Dataset, space: tuple[Param, ...]) -> StudyMeta:
+    """What a study must keep across runs: refused on mismatch unless --force."""
+    return StudyMeta(dataset.source, space_signature(space), args.image_size, args.val_split, args.train_subset)
 
 
 def add_study_args(parser: argparse.ArgumentParser) -> None:
@@ -133,11 +144,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     storage_url = args.storage or default_storage(args.study_name, args.workers)
-    dataset = load_dataset(args.dataset, args.data_dir, image_size=args.image_size, cache_dir=args.cache_dir)
-    splits = make_splits(dataset, val_split=args.val_split, train_subset=args.train_subset, seed=args.seed)
+    dataset, splits = load_data_args(args)
     storage = open_storage(storage_url, heartbeat_seconds=args.heartbeat)
     space = build_space(args.max_epochs)
-    meta = StudyMeta(dataset.source, space_signature(space), args.image_size, args.val_split, args.train_subset)
+    meta = study_meta(args, dataset, space)
     existing_trials = 0
     try:
         existing_trials = len(optuna.load_study(study_name=args.study_name, storage=storage).trials)

@@ -20,6 +20,7 @@ from optuna.trial import TrialState
 from bench.analysis import BASELINE_CELL, CUMULATIVE_PREFIX
 from bench.checkpoint import KEEP_POLICIES, CheckpointSink, artifact_dir, open_store
 from bench.errors import UsageError, redact, run_cli
+from bench.locks import storage_file
 from bench.objective import Attr, Objective, TrialSettings
 from bench.run import add_data_args, add_study_args, load_data_args, print_summary, study_meta, trial_line
 from bench.space import BASELINE, CUMULATIVE_PATH, MATRIX_LEVELS, Level, TrainConfig, build_space, params_for_config
@@ -106,13 +107,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     cells = [Cell(c.name, c.factor, c.config.replace(epochs=min(c.config.epochs, args.max_epochs)), c.seed) for c in cells]
     max_epochs = max(c.config.epochs for c in cells)
     storage_url = args.storage or default_storage(args.study_name)
-    storage = open_storage(storage_url)
     dataset, splits = load_data_args(args)
     space = build_space(max_epochs)
-    try:
-        existing: optuna.Study | None = optuna.load_study(study_name=args.study_name, storage=storage)
-    except KeyError:
-        existing = None
+    file = storage_file(storage_url)
+    existing: optuna.Study | None = None
+    if not (args.dry_run and file is not None and not file.exists()):  # a dry run creates no database file
+        storage = open_storage(storage_url)
+        try:
+            existing = optuna.load_study(study_name=args.study_name, storage=storage)
+        except KeyError:
+            pass
     todo = pending(cells, existing) if existing is not None else cells
     print(f"matrix study {args.study_name!r} ({redact(storage_url)}), data {dataset.name} train={len(splits.train)}")
     print("\n".join(describe(cells, len(splits.train), len(cells) - len(todo))))

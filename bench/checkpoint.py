@@ -18,7 +18,7 @@ from bench.data import Dataset
 from bench.errors import UsageError
 from bench.locks import storage_file
 from bench.models import build_model
-from bench.space import TrainConfig
+from bench.space import CONFIG_FIELDS, TrainConfig, config_from_params
 
 KEEP_POLICIES = ("best", "all", "none")
 CHECKPOINT_NAME = "model.pt"
@@ -63,8 +63,7 @@ def load_checkpoint(path: Path) -> tuple[torch.nn.Module, ModelMeta]:
     raw = blob["meta"]
     meta = ModelMeta(raw["config"], int(raw["in_channels"]), tuple(raw["image_size"]), tuple(raw["classes"]),
                      tuple(raw["mean"]), tuple(raw["std"]), raw.get("version", "unknown"))
-    known = {f.name for f in dataclasses.fields(TrainConfig)}
-    cfg = TrainConfig(**{k: v for k, v in meta.config.items() if k in known})
+    cfg = config_from_params({k: v for k, v in meta.config.items() if k in CONFIG_FIELDS})  # newer fields: ignored
     model = build_model(cfg, meta.in_channels, meta.image_size, len(meta.classes))
     model.load_state_dict(blob["state_dict"])
     return model.eval(), meta

@@ -19,6 +19,7 @@ from optuna.trial import FrozenTrial, TrialState
 import bench
 from bench.errors import UsageError, redact
 from bench.locks import TrialGate, storage_file
+from bench.objective import Attr
 from bench.space import Param, grid_search_space
 
 warnings.filterwarnings("ignore", category=ExperimentalWarning)  # heartbeats, TPE groups: used on purpose
@@ -181,8 +182,6 @@ class FailureGuard:
 
 def fail_orphans(study: optuna.Study, reason: str) -> list[int]:
     """Fail trials left RUNNING by a dead process and enqueue each again with the same parameters."""
-    from bench.objective import Attr
-
     failed = []
     for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
         study.tell(t.number, state=TrialState.FAIL, skip_if_finished=True)

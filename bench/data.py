@@ -301,13 +301,24 @@ def _build_folder_blob(root: Path, files: dict[str, list[tuple[Path, int]]], ima
 
 
 def _stratified_take(labels: torch.Tensor, fraction_or_count: float, generator: torch.Generator) -> torch.Tensor:
-    """Indices of a seeded, per-class-proportional sample (sorted)."""
+    """Indices of a seeded, per-class-proportional sample of exactly round(count) images (sorted).
+
+    Class shares are apportioned by largest remainder, so the total is exact (rounding each
+    class on its own gave 20 images for both 15 and 25 on a 10-class set).
+    """
     n = len(labels)
-    want = fraction_or_count if fraction_or_count >= 1 else fraction_or_count * n
+    want = round(fraction_or_count if fraction_or_count >= 1 else fraction_or_count * n)
+    classes, counts = labels.unique(return_counts=True)
+    exact = counts.double() * want / n
+    take = exact.floor().long()
+    short = want - int(take.sum())
+    if short > 0:  # the largest remainders get one more (ties: the lower class index)
+        order = sorted(range(len(classes)), key=lambda i: (-(exact[i] - take[i]).item(), i))
+        for i in order[:short]:
+            take[i] += 1
     picked = []
-    for c in labels.unique():
+    for c, k in zip(classes, take.tolist(), strict=True):
         idx = (labels == c).nonzero().flatten()
-        k = round(want * len(idx) / n)
         picked.append(idx[torch.randperm(len(idx), generator=generator)[:k]])
     return torch.cat(picked).sort().values
 
@@ -319,8 +330,10 @@ def make_splits(dataset: Dataset, *, val_split: float = 0.1, train_subset: int |
     g = torch.Generator().manual_seed(seed)
     train = dataset.train
     if train_subset is not None:
-        if train_subset < 2 or train_subset > len(train):
-            raise UsageError(f"--train-subset must be between 2 and {len(train)} (the train split's size), got {train_subset}")
+        least = 2 * len(dataset.classes)
+        if train_subset < least or train_subset > len(train):
+            raise UsageError(f"--train-subset must be between {least} (2 images per class) and {len(train)} "
+                             f"(the train split's size), got {train_subset}")
         train = train.subset(_stratified_take(train.labels, train_subset, g))
     if val_split == 0:
         return Splits(dataset, train, dataset.test, dataset.test, val_is_test=True)

@@ -13,9 +13,14 @@ class UsageError(Exception):
     """Bad input from the user; printed as one line, exit status 2, nothing stored is touched."""
 
 
+_URL_PASSWORD = re.compile(r"(\w[\w+.-]*://[^:/@\s]*):\S*@")  # greedy: up to the token's last '@'
+_QUERY_PASSWORD = re.compile(r"([?&](?:password|passwd|pwd|pass)=)[^&\s]*", re.IGNORECASE)
+
+
 def redact(text: str) -> str:
-    """Hide the password in any URL-like `scheme://user:password@host` inside `text`."""
-    return re.sub(r"(\w[\w+.-]*://[^:/@\s]*):[^@\s]*@", r"\1:***@", text)
+    """Hide passwords inside `text`: `scheme://user:password@host` (any character in the password,
+    '@' included) and `?password=...` query parameters."""
+    return _QUERY_PASSWORD.sub(r"\1***", _URL_PASSWORD.sub(r"\1:***@", text))
 
 
 def run_cli(main: Callable[[Sequence[str] | None], int], argv: Sequence[str] | None = None) -> int:

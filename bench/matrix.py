@@ -9,6 +9,7 @@ skip what is finished and the report reads the cells back from the trials.
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -17,14 +18,25 @@ from typing import Any
 import optuna
 from optuna.trial import TrialState
 
-from bench.analysis import BASELINE_CELL, CUMULATIVE_PREFIX
+from bench.analysis import BASELINE_CELL, CUMULATIVE_PREFIX, attempt_kind, settle
 from bench.checkpoint import KEEP_POLICIES, CheckpointSink, artifact_dir, open_store
 from bench.errors import UsageError, redact, run_cli
-from bench.locks import storage_file
+from bench.locks import RunLock, TrialGate, storage_file
 from bench.objective import Attr, Objective, TrialSettings
-from bench.run import add_data_args, add_study_args, load_data_args, print_summary, study_meta, trial_line
+from bench.run import (
+    INTERRUPTED_EXIT,
+    add_data_args,
+    add_study_args,
+    load_data_args,
+    positive_int,
+    print_summary,
+    raise_interrupt,
+    record_budget,
+    study_meta,
+    trial_line,
+)
 from bench.space import BASELINE, CUMULATIVE_PATH, MATRIX_LEVELS, Level, TrainConfig, build_space, params_for_config
-from bench.study import FINISHED, default_storage, open_storage, open_study
+from bench.study import default_storage, fail_orphans, open_storage, open_study, run_trials
 from bench.train import resolve_device
 
 
@@ -58,12 +70,14 @@ def design(levels: Sequence[Level] = MATRIX_LEVELS, cumulative: Sequence[tuple[s
 
 
 def pending(cells: Sequence[Cell], study: optuna.Study) -> list[Cell]:
-    """Cells with no finished, waiting or running trial (failed ones are run again)."""
-    taken = {
-        (t.user_attrs.get(Attr.CELL), t.user_attrs.get(Attr.SEED))
-        for t in study.get_trials(deepcopy=False, states=(*FINISHED, TrialState.WAITING, TrialState.RUNNING))
-    }
-    return [c for c in cells if (c.name, c.seed) not in taken]
+    """Cells to enqueue: no finished, waiting or running attempt. Interrupted or orphaned attempts are run
+    again; a diverged or failed one is run once more, and after that its outcome stands (bench.analysis.settle)."""
+    kinds: dict[tuple[Any, Any], list[str]] = {}
+    for t in study.get_trials(deepcopy=False):
+        a = t.user_attrs
+        key = (a.get(Attr.CELL), a.get(Attr.SEED))
+        kinds.setdefault(key, []).append(attempt_kind(t.state.name, a.get(Attr.STOP_REASON), a.get(Attr.FAIL_REASON)))
+    return [c for c in cells if settle(kinds.get((c.name, c.seed), [])) == "todo"]
 
 
 def describe(cells: Sequence[Cell], train_images: int, done: int) -> list[str]:
@@ -84,10 +98,12 @@ def build_parser() -> argparse.ArgumentParser:
     add_study_args(parser)
     add_data_args(parser)
     g = parser.add_argument_group("design")
-    g.add_argument("--seeds", type=int, default=3, help="repeats of every cell, seeds SEED..SEED+K-1 (default: 3)")
+    g.add_argument("--seeds", type=int, default=5,
+                   help="repeats of every cell, seeds SEED..SEED+K-1; a verdict needs 3 seed pairs (default: 5)")
     g.add_argument("--epochs-scale", type=float, default=1.0,
                    help="multiply every cell's epochs (0.25 turns 5/20 into 1/5); the report states it (default: 1)")
-    g.add_argument("--max-epochs", type=int, default=30, help="cap on any cell's epochs (default: 30)")
+    g.add_argument("--max-epochs", type=positive_int, default=30, help="cap on any cell's epochs (default: 30)")
+    g.add_argument("--force", action="store_true", help="add to a study made with another dataset or split")
     g.add_argument("--dry-run", action="store_true", help="list the cells and the estimated compute, train nothing")
     g.add_argument("--keep-models", choices=KEEP_POLICIES, default="best", help="(default: best)")
     g.add_argument("--quiet", action="store_true", help="no per-epoch progress bars")
@@ -125,22 +141,44 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     meta = study_meta(args, dataset, space)
     study, is_new = open_study(args.study_name, storage, sampler=optuna.samplers.RandomSampler(seed=args.seed),
-                               pruner=optuna.pruners.NopPruner(), meta=meta, force=False)
+                               pruner=optuna.pruners.NopPruner(), meta=meta, force=args.force)
+    design_attrs = {"bench.epochs_scale": args.epochs_scale, "bench.max_epochs": args.max_epochs}
+    for key, value in design_attrs.items():
+        stored = study.user_attrs.get(key, value)
+        if stored != value:
+            option = key.removeprefix("bench.").replace("_", "-")
+            raise UsageError(f"study {args.study_name!r} was run with --{option} {stored}; use the same value or "
+                             "another --study-name")
     if is_new:
-        study.set_user_attr("bench.epochs_scale", args.epochs_scale)
         study.set_user_attr("bench.design", "matrix")
-    elif study.user_attrs.get("bench.epochs_scale", args.epochs_scale) != args.epochs_scale:
-        raise UsageError(f"study {args.study_name!r} was run with --epochs-scale {study.user_attrs['bench.epochs_scale']}; "
-                         "use the same scale or another --study-name")
-    for cell in todo:
-        study.enqueue_trial(params_for_config(cell.config, space), user_attrs={Attr.CELL: cell.name, Attr.SEED: cell.seed})
+    for key, value in design_attrs.items():
+        study.set_user_attr(key, value)
+    record_budget(study, splits)
+    gate = TrialGate(storage_url, args.study_name)
+    gate.acquire()  # two matrix processes on one study: the second sees the first's cells and enqueues none twice
+    try:
+        if RunLock(storage_url, args.study_name).try_acquire():  # alone on this file: RUNNING cells are orphans
+            fail_orphans(study, "found running at start")
+        todo = pending(cells, study)
+        for cell in todo:
+            study.enqueue_trial(params_for_config(cell.config, space), user_attrs={Attr.CELL: cell.name, Attr.SEED: cell.seed})
+    finally:
+        gate.release()
     waiting = len(study.get_trials(deepcopy=False, states=(TrialState.WAITING,)))
+    print(f"{len(todo)} cells enqueued; {waiting} waiting to run")
     store = open_store(artifact_dir(storage_url, args.study_name))
     objective = Objective(splits, space, TrialSettings(device=args.device, precision=args.precision, seed=args.seed,
                                                        progress=not args.quiet, compile_model=args.compile),
                           on_model=CheckpointSink(store, storage, args.keep_models, dataset))
     report = lambda s, t: print(f"{t.user_attrs.get(Attr.CELL, '?'):<40} seed={t.user_attrs.get(Attr.SEED)} {trial_line(t)}", flush=True)  # noqa: E731
-    study.optimize(objective, n_trials=waiting, catch=(Exception,), callbacks=[report], gc_after_trial=True)
+    signal.signal(signal.SIGTERM, raise_interrupt)
+    try:
+        run_trials(study, objective, None, gate=gate, callbacks=[report])
+    except KeyboardInterrupt:
+        print("interrupted: the running cell is recorded as failed (interrupted); rerun the same command to finish "
+              "the matrix", file=sys.stderr)
+        print_summary(study)
+        return INTERRUPTED_EXIT
     print_summary(study)
     print(f"report: python -m bench.report --study {args.study_name}"
           + (f" --storage {redact(storage_url)}" if args.storage else ""))

@@ -14,7 +14,7 @@ import torch
 from bench.data import Splits
 from bench.models import build_model, count_parameters
 from bench.space import Param, TrainConfig, config_from_params, suggest
-from bench.train import Diverged, fit, resolve_device
+from bench.train import Diverged, FitResult, fit, resolve_device
 
 
 class Attr:
@@ -34,6 +34,9 @@ class Attr:
     FAIL_REASON = "fail_reason"
     CELL = "cell"  # designed-experiment cell (bench.matrix)
     WORKER = "worker"  # host:pid of the process that ran the trial
+    KEPT_EPOCH = "kept_epoch"  # the epoch whose weights were kept (early stopping restores the best)
+    TRAIN_IMAGES = "train_images"  # the budget: images per epoch
+    NUM_CLASSES = "num_classes"  # chance accuracy is 1 / num_classes
 
 
 @dataclass(frozen=True)
@@ -66,53 +69,64 @@ class Objective:
         ds = self.splits.dataset
         model = build_model(cfg, ds.channels, ds.image_size, len(ds.classes))
         for key, value in ((Attr.SEED, seed), (Attr.PARAM_COUNT, count_parameters(model)),
-                           (Attr.DEVICE, str(self.device)), (Attr.WORKER, f"{socket.gethostname()}:{os.getpid()}")):
+                           (Attr.DEVICE, str(self.device)), (Attr.WORKER, f"{socket.gethostname()}:{os.getpid()}"),
+                           (Attr.TRAIN_IMAGES, len(self.splits.train)), (Attr.NUM_CLASSES, len(ds.classes))):
             trial.set_user_attr(key, value)
+        # The curves live here, not in the trial: a retried trial (heartbeat retry) inherits the dead
+        # attempt's user attributes, and appending to those would glue two runs together.
+        result = FitResult()
 
         def report_epoch(epoch: int, train_loss: float, val_acc: float) -> None:
-            trial.set_user_attr(Attr.LOSS_CURVE, [*trial.user_attrs.get(Attr.LOSS_CURVE, []), train_loss])
-            trial.set_user_attr(Attr.VAL_CURVE, [*trial.user_attrs.get(Attr.VAL_CURVE, []), val_acc])
+            trial.set_user_attr(Attr.LOSS_CURVE, list(result.train_loss))
+            trial.set_user_attr(Attr.VAL_CURVE, list(result.val_acc))
             trial.report(val_acc, epoch)
             if trial.should_prune():
-                trial.set_user_attr(Attr.STOP_REASON, "pruned")
-                trial.set_user_attr(Attr.EPOCHS_RUN, epoch)
+                result.stop_reason = "pruned"
                 raise optuna.TrialPruned(f"pruned after epoch {epoch} at val_acc={val_acc:.4f}")
 
         try:
-            result = fit(model, self.splits, cfg, device=self.device, precision=self.settings.precision,
-                         seed=seed, on_epoch=report_epoch, progress=self.settings.progress,
-                         compile_model=self.settings.compile_model)
+            fit(model, self.splits, cfg, device=self.device, precision=self.settings.precision, seed=seed,
+                on_epoch=report_epoch, progress=self.settings.progress, compile_model=self.settings.compile_model,
+                result=result)
         except Diverged as exc:
-            trial.set_user_attr(Attr.STOP_REASON, "diverged")
-            trial.set_user_attr(Attr.FAIL_REASON, str(exc))
+            self._record(trial, result, "diverged", str(exc))
             raise optuna.TrialPruned(f"diverged: {exc}") from None
         except torch.OutOfMemoryError as exc:
             del model
             if torch.cuda.is_available():
                 torch.cuda.empty_cache()
-            trial.set_user_attr(Attr.STOP_REASON, "failed")
-            trial.set_user_attr(Attr.FAIL_REASON, f"out of memory: {str(exc).splitlines()[0]}")
+            self._record(trial, result, "failed", f"out of memory: {str(exc).splitlines()[0]}")
             raise
         except optuna.TrialPruned:
+            self._record(trial, result, "pruned")
             raise
         except KeyboardInterrupt:
-            trial.set_user_attr(Attr.STOP_REASON, "failed")
-            trial.set_user_attr(Attr.FAIL_REASON, "interrupted")
+            self._record(trial, result, "failed", "interrupted")
             raise
         except Exception as exc:
-            trial.set_user_attr(Attr.STOP_REASON, "failed")
-            trial.set_user_attr(Attr.FAIL_REASON, f"{type(exc).__name__}: {exc}")
+            self._record(trial, result, "failed", f"{type(exc).__name__}: {exc}")
             raise
 
-        kept_val = max(result.val_acc) if result.stop_reason == "early-stopped" else result.val_acc[-1]
-        for key, value in (
-            (Attr.VAL_ACC, kept_val), (Attr.TEST_ACC, result.test_acc), (Attr.EPOCHS_RUN, result.epochs_run),
-            (Attr.TRAIN_SECONDS, round(result.train_seconds, 3)), (Attr.IMAGES_PER_SEC, round(result.images_per_sec, 1)),
-            (Attr.STOP_REASON, result.stop_reason),
-        ):
-            trial.set_user_attr(key, value)
+        self._record(trial, result, result.stop_reason)
+        kept_val = result.kept_val_acc  # the restored epoch's: value, test accuracy and checkpoint agree
         if not math.isfinite(kept_val):
             raise Diverged("validation accuracy is not finite")
         if self.on_model is not None:
             self.on_model(trial, model, cfg, kept_val)
         return kept_val
+
+    @staticmethod
+    def _record(trial: optuna.Trial, result: FitResult, stop_reason: str, fail_reason: str | None = None) -> None:
+        """Everything a trial cost and measured, however it ended (stopped trials count in compute totals)."""
+        attrs = {
+            Attr.LOSS_CURVE: list(result.train_loss), Attr.VAL_CURVE: list(result.val_acc),
+            Attr.VAL_ACC: result.kept_val_acc if result.epochs_run else None, Attr.EPOCHS_RUN: result.epochs_run,
+            Attr.KEPT_EPOCH: result.kept_epoch, Attr.TRAIN_SECONDS: round(result.train_seconds, 3),
+            Attr.IMAGES_PER_SEC: round(result.images_per_sec, 1), Attr.STOP_REASON: stop_reason,
+        }
+        if math.isfinite(result.test_acc):
+            attrs[Attr.TEST_ACC] = result.test_acc
+        if fail_reason is not None:
+            attrs[Attr.FAIL_REASON] = fail_reason
+        for key, value in attrs.items():
+            trial.set_user_attr(key, value)

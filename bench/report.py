@@ -39,7 +39,8 @@ from bench.analysis import (  # noqa: E402
 )
 from bench.errors import UsageError, redact, run_cli  # noqa: E402
 from bench.locks import storage_file  # noqa: E402
-from bench.space import FACTORS, build_space  # noqa: E402
+from bench.space import BASELINE, FACTORS, build_space  # noqa: E402
+from bench.stats import MIN_PAIRS, NOISY_HALF_WIDTH_POINTS, binomial_half_width  # noqa: E402
 from bench.study import default_storage, open_storage  # noqa: E402
 
 NOTHING = "nothing to show yet"
@@ -61,6 +62,7 @@ def plot_history(trials: pd.DataFrame) -> Figure | None:
     ax.scatter(done["number"], done["val_acc"] * 100, s=14, alpha=0.7, label="trial (val acc)")
     ax.step(done["number"], done["val_acc"].cummax() * 100, where="post", color="C3", label="running best")
     ax.set(xlabel="trial", ylabel="validation accuracy (%)", title="Optimization history")
+    ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))  # trial numbers, never 2.5
     ax.legend(loc="lower right")
     return fig
 
@@ -84,7 +86,8 @@ def plot_learning_curves(trials: pd.DataFrame) -> Figure | None:
 
 
 def plot_matrix(matrix: pd.DataFrame) -> Figure | None:
-    rows = matrix[matrix["n"] > 0].dropna(subset=["diff"])
+    """Designed differences with their intervals; exploratory (search) rows have no interval and are not drawn."""
+    rows = matrix[matrix["n"] > 0].dropna(subset=["diff", "diff_low", "diff_high"])
     if rows.empty:
         return None
     fig, ax = plt.subplots(figsize=(8, 0.35 * len(rows) + 1.5))
@@ -95,7 +98,8 @@ def plot_matrix(matrix: pd.DataFrame) -> Figure | None:
     ax.scatter(rows["diff"], y, c=colors, zorder=3)
     ax.axvline(0, color="0.5", lw=1)
     ax.set_yticks(y, [f"{f}: {lv}" for f, lv in zip(rows["factor"], rows["level"], strict=True)])
-    ax.set(xlabel="test accuracy difference from baseline (points, 95% CI)", title="Improvement matrix")
+    ax.set(xlabel="test accuracy difference from the reference cell (points, 95% paired t-interval)",
+           title="Improvement matrix")
     fig.tight_layout()
     return fig
 
@@ -189,9 +193,12 @@ def plot_cumulative(path: pd.DataFrame) -> Figure | None:
 
 CSS = """
 body{font-family:system-ui,sans-serif;margin:2rem auto;max-width:1100px;color:#222;padding:0 1rem}
-table{border-collapse:collapse;font-size:.85rem;margin:1rem 0}td,th{border:1px solid #ccc;padding:.25rem .5rem}
+table{border-collapse:collapse;font-size:.85rem;margin:1rem 0;max-width:100%}
+td,th{border:1px solid #ccc;padding:.25rem .5rem;overflow-wrap:anywhere}
+.banner{background:#fff3cd;border:1px solid #e0c36a;padding:.5rem .75rem}
 th{background:#f3f3f3}img{max-width:100%;border:1px solid #eee;margin:.5rem 0}.muted{color:#777}
 .supported{background:#e3f6e3}.contradicted{background:#fbe3e3}.inconclusive{background:#fff7dc}
+td.nd{color:#777}
 """
 
 
@@ -202,9 +209,14 @@ def _png(fig: Figure) -> bytes:
     return buf.getvalue()
 
 
+DASH = "\u2014"
+
+
 def _fmt(v: object, digits: int = 2) -> str:
+    if v is None or (isinstance(v, float) and np.isnan(v)):
+        return DASH
     if isinstance(v, float):
-        return "" if np.isnan(v) else f"{v:.{digits}f}"
+        return f"{v:.{digits}f}"
     return html.escape(str(v))
 
 
@@ -217,14 +229,69 @@ def _table(frame: pd.DataFrame, row_class: Callable[[pd.Series], str] | None = N
     return f"<table><tr>{head}</tr>{''.join(body)}</table>"
 
 
+def ci_text(mean: float, low: float, high: float, n: int, *, signed: bool = False) -> str:
+    """'62.10 [60.2, 64.0]', or the mean with the reason it has no interval; a dash when there is no number."""
+    if mean is None or not np.isfinite(mean):
+        return f"{DASH} (no data)" if not n else DASH
+    m = f"{mean:+.2f}" if signed else f"{mean:.2f}"
+    if low is None or high is None or not (np.isfinite(low) and np.isfinite(high)):
+        return f"{m} ({'one seed' if n == 1 else 'no interval'})"
+    fmt = "{:+.2f}" if signed else "{:.2f}"
+    return f"{m} [{fmt.format(low)}, {fmt.format(high)}]"
+
+
+def _count(v: object) -> int:
+    return 0 if v is None or (isinstance(v, float) and np.isnan(v)) else int(v)
+
+
+def _budget_text(row: pd.Series) -> str:
+    if not np.isfinite(row.get("epochs", np.nan)):
+        return DASH
+    epochs = f"{int(row['epochs'])}" + (f" vs {int(row['reference_epochs'])}" if np.isfinite(row.get("reference_epochs", np.nan))
+                                        and row["reference_epochs"] != row["epochs"] else "")
+    images = f"{int(row['train_images']):,}" if np.isfinite(row.get("train_images", np.nan)) else "?"
+    return f"{epochs} ep, {images} img"
+
+
 def matrix_display(matrix: pd.DataFrame) -> pd.DataFrame:
-    ci = lambda m, lo, hi: m.map("{:.2f}".format) + " [" + lo.map("{:.2f}".format) + ", " + hi.map("{:.2f}".format) + "]"  # noqa: E731
-    return pd.DataFrame({
-        "factor": matrix["factor"].astype(str), "level": matrix["level"], "n": matrix["n"],
-        "test acc % [95% CI]": ci(matrix["mean_acc"], matrix["acc_low"], matrix["acc_high"]),
-        "diff vs baseline, points [95% CI]": ci(matrix["diff"], matrix["diff_low"], matrix["diff_high"]),
-        "claim (assignment)": matrix["claim"], "verdict": matrix["verdict"],
+    """The matrix as the page shows it: intervals as text, never 'nan'."""
+    designed = matrix["method"].iloc[0].startswith("designed") if len(matrix) else False
+    n = matrix["n"].map(_count)
+    n_text = [f"{k}" + (f" ({_count(d)} diverged)" if _count(d) else "") for k, d in zip(n, matrix["n_diverged"], strict=True)]
+    if designed:
+        acc = [ci_text(m, lo, hi, k) for m, lo, hi, k in zip(matrix["mean_acc"], matrix["acc_low"], matrix["acc_high"], n, strict=True)]
+        diff = [ci_text(m, lo, hi, _count(k), signed=True)
+                for m, lo, hi, k in zip(matrix["diff"], matrix["diff_low"], matrix["diff_high"], matrix["n_pairs"], strict=True)]
+    else:
+        acc = [_fmt(m) for m in matrix["mean_acc"]]
+        diff = [DASH if not np.isfinite(d) else f"{d:+.2f} (confounded)" for d in matrix["diff"].astype(float)]
+    claim = [DASH if not isinstance(c, str) else c for c in matrix["claim"]]
+    budget_claim = [DASH if not np.isfinite(e) else f"{int(e)}" + (f" vs {int(r)}" if r != e else "") + f" ep, {int(i):,} img"
+                    for e, r, i in zip(matrix["claim_epochs"].astype(float), matrix["claim_reference_epochs"].astype(float),
+                                       matrix["claim_train_images"].astype(float), strict=True)]
+    frame = pd.DataFrame({
+        "factor": matrix["factor"].astype(str), "level": matrix["level"], "vs": matrix["reference"].fillna(DASH), "n": n_text,
+        "test acc % [95% CI]" if designed else "mean test acc %": acc,
+        "diff, points [95% CI]" if designed else "diff, points": diff,
+        "budget run": [_budget_text(r) for _, r in matrix.iterrows()], "claim (assignment)": claim,
+        "claim budget": budget_claim, "verdict": matrix["verdict"], "note": matrix["note"].fillna(""),
     })
+    return frame
+
+
+def budget_text(attrs: dict) -> str:
+    """The study's real budget: images per split, epoch cap, and a matrix's epoch scale."""
+    parts = []
+    if "bench.train_images" in attrs:
+        parts.append(f"{attrs['bench.train_images']:,} train images"
+                     + (f" (--train-subset {attrs['bench.train_subset']})" if attrs.get("bench.train_subset") else ""))
+    if "bench.val_images" in attrs:
+        parts.append(f"{attrs['bench.val_images']:,} validation images" + (" (the test set)" if attrs.get("bench.val_is_test") else ""))
+    if "bench.epochs_scale" in attrs:
+        parts.append(f"epochs scaled by {attrs['bench.epochs_scale']}")
+    if "bench.max_epochs" in attrs:
+        parts.append(f"epoch cap {attrs['bench.max_epochs']}")
+    return ", ".join(parts) or "not recorded (study made by an older bench)"
 
 
 def summary_items(study: optuna.Study, trials: pd.DataFrame) -> list[tuple[str, str]]:
@@ -234,27 +301,39 @@ def summary_items(study: optuna.Study, trials: pd.DataFrame) -> list[tuple[str, 
     items = [
         ("study", study.study_name),
         ("dataset", str(attrs.get("bench.dataset", "unknown"))),
-        ("device", ", ".join(sorted(set(trials["device"].dropna().astype(str)))) or "-"),
+        ("device", ", ".join(sorted(set(trials["device"].dropna().astype(str)))) or DASH),
         ("trials by state", ", ".join(f"{k} {v}" for k, v in sorted(states.items())) or "none"),
-        ("total train time", f"{trials['train_seconds'].fillna(0).sum() / 60:.1f} min"),
+        ("total train time", f"{trials['train_seconds'].fillna(0).sum() / 60:.1f} min (all trials, pruned and failed included)"),
+        ("budget", budget_text(attrs)),
     ]
-    if "bench.epochs_scale" in attrs:
-        items.append(("budget", f"epochs scaled by {attrs['bench.epochs_scale']}, train subset "
-                                f"{attrs.get('bench.train_subset') or 'all'}: not full-budget numbers"))
+    if attrs.get("bench.val_is_test") or attrs.get("bench.val_split") == 0:
+        items.append(("warning", "selection used the test set (--val-split 0): the best trial, pruning and early stopping "
+                                 "saw the test accuracy, so it is optimistic; use --val-split 0.1 for an honest test number"))
+    val_images = attrs.get("bench.val_images")
+    if val_images and (half := binomial_half_width(int(val_images)) * 100) > NOISY_HALF_WIDTH_POINTS:
+        items.append(("validation noise", f"one accuracy on {val_images} validation images is +-{half:.1f} points (95%, "
+                                          "binomial): trials closer than that are not ranked; use a larger --val-split "
+                                          "or bench.matrix"))
     if not done.empty:
         best = done.loc[done["val_acc"].idxmax()]
-        items.append(("best trial", f"#{best['number']}: val {best['val_acc'] * 100:.2f}%, test {best['test_acc'] * 100:.2f}%"))
+        items.append(("best trial", f"#{best['number']}: val {best['val_acc'] * 100:.2f}%, test "
+                                    + (f"{best['test_acc'] * 100:.2f}%" if np.isfinite(best["test_acc"]) else DASH)))
         params = study.trials[int(best["number"])].params
         items.append(("best parameters", ", ".join(f"{k}={v}" for k, v in params.items())))
     base = baseline_interval(trials)
-    if not np.isnan(base.mean):
-        interval = "" if np.isnan(base.low) else f" [{base.low:.2f}, {base.high:.2f}]"
-        items.append(("baseline test accuracy", f"{base.mean:.2f}%{interval}"))
+    if np.isfinite(base.mean):
+        items.append(("baseline test accuracy", ci_text(base.mean, base.low, base.high, base.n) + f" %, n={base.n}"))
     return items
 
 
+def _changes(row: pd.Series, names: list[str]) -> str:
+    base = BASELINE.__dict__
+    changed = [f"{n}={row[n]}" for n in names if row[n] != base[n]]
+    return ", ".join(changed) or "(baseline)"
+
+
 def render_html(study: optuna.Study, trials: pd.DataFrame, matrix: pd.DataFrame, cumulative: pd.DataFrame,
-                plots: dict[str, bytes]) -> str:
+                plots: dict[str, bytes], importance_note: str = "") -> str:
     esc = html.escape
     parts = [f"<!doctype html><html><head><meta charset='utf-8'><title>bench report: {esc(study.study_name)}</title>"
              f"<style>{CSS}</style></head><body><h1>bench report: {esc(study.study_name)}</h1>"]
@@ -262,17 +341,34 @@ def render_html(study: optuna.Study, trials: pd.DataFrame, matrix: pd.DataFrame,
                                                      for k, v in summary_items(study, trials)) + "</table>")
     parts.append("<h2>Improvement matrix</h2>")
     if (matrix["n"] > 0).any():
-        parts.append(f"<p class='muted'>Method: {esc(matrix['method'].iloc[0])}. Test accuracy in %, 95% bootstrap "
-                     "intervals; verdict: supported when the interval of the difference lies inside the claim, "
-                     "contradicted when wholly outside, else inconclusive.</p>")
-        parts.append(_table(matrix_display(matrix), lambda r: r["verdict"]))
+        designed = matrix["method"].iloc[0].startswith("designed")
+        off_budget = int((matrix["verdict"] == "not tested at this budget").sum())
+        if off_budget:
+            parts.append(f"<p class='banner'>Budget: {esc(budget_text(study.user_attrs))}. {off_budget} rows ran at another "
+                         "budget than their claim (see 'budget run' and 'claim budget') and get no verdict; these are "
+                         "not the assignment's numbers.</p>")
+        if designed:
+            parts.append(f"<p class='muted'>Method: {esc(matrix['method'].iloc[0])}. Test accuracy in %, mean over seeds "
+                         "with its 95% t-interval; 'diff' is the level minus its reference cell ('vs'), 95% paired "
+                         "t-interval over shared seeds (Welch's where seeds do not pair). Verdict: supported when the "
+                         "interval lies inside the claim, contradicted when wholly outside, else inconclusive; given "
+                         f"only with at least {MIN_PAIRS} seed pairs, at the claim's budget, for a claim with numbers. "
+                         "Diverged seeds count at chance accuracy.</p>")
+        else:
+            parts.append(f"<p class='banner'>{esc(matrix['method'].iloc[0][0].upper() + matrix['method'].iloc[0][1:])}."
+                         "</p>")
+        parts.append(_table(matrix_display(matrix), lambda r: r["verdict"].replace(" ", "-")))
     else:
         parts.append(f"<p class='muted'>{NOTHING}: no completed trial matches a matrix level.</p>")
     if not cumulative.empty:
-        parts.append("<h2>Cumulative path</h2>" + _table(cumulative))
+        shown = cumulative.assign(**{"test acc % [95% CI]": [ci_text(m, lo, hi, n) for m, lo, hi, n in zip(
+            cumulative["mean_acc"], cumulative["acc_low"], cumulative["acc_high"], cumulative["n"], strict=True)]})
+        parts.append("<h2>Cumulative path</h2>" + _table(shown[["step", "n", "n_diverged", "epochs", "test acc % [95% CI]"]]))
     parts.append("<h2>Plots</h2>")
     if not plots:
         parts.append(f"<p class='muted'>{NOTHING}: no completed trial yet.</p>")
+    if importance_note:
+        parts.append(f"<p class='muted'>{esc(importance_note)}.</p>")
     for name, png in plots.items():
         data = base64.b64encode(png).decode()
         parts.append(f"<h3>{esc(name.replace('_', ' '))}</h3><img alt='{esc(name)}' src='data:image/png;base64,{data}'>")
@@ -282,8 +378,10 @@ def render_html(study: optuna.Study, trials: pd.DataFrame, matrix: pd.DataFrame,
         parts.append(f"<p class='muted'>{NOTHING}.</p>")
     else:
         names = [p.name for p in build_space()]
-        top = done.nlargest(10, "val_acc")[["number", "val_acc", "test_acc", "epochs_run", "train_seconds", *names]]
-        parts.append(_table(top))
+        top = done.nlargest(10, "val_acc")
+        top = top[["number", "val_acc", "test_acc", "epochs_run", "train_seconds"]].assign(
+            changes_from_baseline=[_changes(r, names) for _, r in top.iterrows()])
+        parts.append(_table(top) + "<p class='muted'>Every parameter of every trial: trials.csv.</p>")
     parts.append("</body></html>")
     return "\n".join(parts)
 
@@ -291,8 +389,8 @@ def render_html(study: optuna.Study, trials: pd.DataFrame, matrix: pd.DataFrame,
 # --- the command --------------------------------------------------------------------------
 
 
-def build_plots(study: optuna.Study, trials: pd.DataFrame, matrix: pd.DataFrame, cumulative: pd.DataFrame) -> dict[str, Figure]:
-    importances = param_importances(study)
+def build_plots(study: optuna.Study, trials: pd.DataFrame, matrix: pd.DataFrame, cumulative: pd.DataFrame,
+                importances: dict[str, float]) -> dict[str, Figure]:
     candidates = {
         "optimization_history": plot_history(trials),
         "learning_curves": plot_learning_curves(trials),
@@ -320,11 +418,12 @@ def write_report(study: optuna.Study, out: Path, *, fmt: str = "html") -> list[P
         cumulative.to_csv(out / "cumulative.csv", index=False)
         written.append(out / "cumulative.csv")
     sns.set_theme(style="whitegrid")
-    plots = {name: _png(fig) for name, fig in build_plots(study, trials, matrix, cumulative).items()}
+    importances, importance_note = param_importances(study)
+    plots = {name: _png(fig) for name, fig in build_plots(study, trials, matrix, cumulative, importances).items()}
     for name, png in plots.items():
         (out / f"{name}.png").write_bytes(png)
         written.append(out / f"{name}.png")
-    (out / "index.html").write_text(render_html(study, trials, matrix, cumulative, plots), encoding="utf-8")
+    (out / "index.html").write_text(render_html(study, trials, matrix, cumulative, plots, importance_note), encoding="utf-8")
     written.append(out / "index.html")
     return written
 

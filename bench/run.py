@@ -20,6 +20,7 @@ from bench.errors import UsageError, redact, run_cli
 from bench.locks import RunLock, TrialGate
 from bench.objective import Attr, Objective, TrialSettings
 from bench.space import PRESETS, Param, build_space, params_for_config, preset_config
+from bench.stats import NOISY_HALF_WIDTH_POINTS, binomial_half_width
 from bench.study import (
     PRUNERS,
     SAMPLERS,
@@ -72,6 +73,23 @@ def load_data_args(args: argparse.Namespace) -> tuple[Dataset, Splits]:
     """The dataset and its seeded splits, as the shared data options (add_data_args) describe them."""
     dataset = load_dataset(args.dataset, args.data_dir, image_size=args.image_size, cache_dir=args.cache_dir)
     return dataset, make_splits(dataset, val_split=args.val_split, train_subset=args.train_subset, seed=args.seed)
+
+
+def val_noise_note(splits: Splits) -> str:
+    """A warning when one accuracy on the validation split is too noisy to compare trials by ('' otherwise)."""
+    n = len(splits.val)
+    half = binomial_half_width(n) * 100
+    if half <= NOISY_HALF_WIDTH_POINTS:
+        return ""
+    return (f"note: one accuracy on the {n} validation images is +-{half:.1f} points (95%, binomial), so the best trial "
+            "is picked on noise; use a larger --val-split, or bench.matrix (seeded repeats) to compare settings")
+
+
+def record_budget(study: optuna.Study, splits: Splits) -> None:
+    """The study's real budget, for the report: images per split and whether validation used the test set."""
+    for key, value in (("bench.train_images", len(splits.train)), ("bench.val_images", len(splits.val)),
+                       ("bench.val_is_test", splits.val_is_test)):
+        study.set_user_attr(key, value)
 
 
 def study_meta(args: argparse.Namespace, dataset: Dataset, space: tuple[Param, ...]) -> StudyMeta:
@@ -168,6 +186,13 @@ def main(argv: Sequence[str] | None = None) -> int:
               f"to reach {args.trials}. data: {dataset.name} train={len(splits.train)} val={len(splits.val)}"
               f"{' (test set)' if splits.val_is_test else ''} test={len(splits.test)} {dataset.channels}x"
               f"{dataset.image_size[0]}x{dataset.image_size[1]}", flush=True)
+        if note := val_noise_note(splits):
+            print(note, flush=True)
+        if splits.val_is_test:
+            print("note: --val-split 0 selects, prunes and early-stops on the test set, so its test accuracy is "
+                  "optimistic; the report says so", flush=True)
+        record_budget(study, splits)
+        study.set_user_attr("bench.max_epochs", args.max_epochs)
         if to_add == 0:
             return 0
         if is_new and not args.no_baseline:
@@ -180,7 +205,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     objective = Objective(splits, space, settings, on_model=CheckpointSink(store, storage, args.keep_models, dataset))
     guard = FailureGuard()
     prefix = "" if args.worker_id is None else f"[worker {args.worker_id}] "
-    signal.signal(signal.SIGTERM, _raise_interrupt)
+    signal.signal(signal.SIGTERM, raise_interrupt)
     try:
         run_trials(study, objective, args.trials, gate=TrialGate(storage_url, args.study_name), timeout=args.timeout,
                    callbacks=[guard, lambda s, t: print(prefix + trial_line(t), flush=True)], guard=guard)
@@ -199,7 +224,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 0
 
 
-def _raise_interrupt(signum: int, frame: object) -> None:
+def raise_interrupt(signum: int, frame: object) -> None:
     raise KeyboardInterrupt(signal.Signals(signum).name)
 
 
@@ -217,7 +242,7 @@ def spawn_workers(argv: list[str], args: argparse.Namespace, storage_url: str, s
         procs.append(subprocess.Popen([sys.executable, "-m", "bench.run", *argv, *extra], env=env))
         print(f"worker {i}: pid {procs[-1].pid}, device {device}" + (f", {threads} CPU threads" if threads else ""),
               flush=True)
-    signal.signal(signal.SIGTERM, _raise_interrupt)
+    signal.signal(signal.SIGTERM, raise_interrupt)
     try:
         codes = [p.wait() for p in procs]
     except KeyboardInterrupt:

@@ -194,11 +194,14 @@ def fail_orphans(study: optuna.Study, reason: str) -> list[int]:
     return failed
 
 
-def run_trials(study: optuna.Study, objective: Callable[[optuna.Trial], float], target: int, *,
+def run_trials(study: optuna.Study, objective: Callable[[optuna.Trial], float], target: int | None, *,
                gate: TrialGate, timeout: float | None = None,
                callbacks: Iterable[Callable[[optuna.Study, FrozenTrial], None]] = (),
                guard: FailureGuard | None = None) -> None:
-    """Run trials until the study holds `target` finished ones (exactly, across workers) or time is up."""
+    """Run trials until the study holds `target` finished ones (exactly, across workers) or time is up.
+
+    With `target=None`, run only the enqueued (WAITING) trials, never a sampled one: the designed matrix.
+    The check and the trial's creation happen under `gate`, so concurrent processes never overshoot."""
     deadline = None if timeout is None else time.monotonic() + timeout
 
     def gated(trial: optuna.Trial) -> float:
@@ -210,8 +213,10 @@ def run_trials(study: optuna.Study, objective: Callable[[optuna.Trial], float], 
         gate.acquire()
         try:
             optuna.storages.fail_stale_trials(study)  # heartbeats (RDB): a killed worker's trial fails and is retried
-            busy = len(study.get_trials(deepcopy=False, states=(*FINISHED, TrialState.RUNNING)))
-            if busy >= target:
+            if target is None:
+                if not study.get_trials(deepcopy=False, states=(TrialState.WAITING,)):
+                    return
+            elif len(study.get_trials(deepcopy=False, states=(*FINISHED, TrialState.RUNNING))) >= target:
                 return
             study.optimize(gated, n_trials=1, catch=(Exception,), callbacks=callbacks, gc_after_trial=True)
         finally:

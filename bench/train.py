@@ -141,10 +141,29 @@ def build_schedule(cfg: TrainConfig, optimizer: torch.optim.Optimizer, steps_per
     if cfg.scheduler == "cosine":
         return Schedule(sched.CosineAnnealingLR(optimizer, T_max=cfg.epochs))
     if cfg.scheduler == "onecycle":
-        return Schedule(sched.OneCycleLR(optimizer, max_lr=cfg.lr, total_steps=cfg.epochs * steps_per_epoch), per_batch=True)
+        # cycle_momentum=False: the searched momentum (or Adam's beta1) stays as suggested; torch's default would
+        # cycle it between 0.85 and 0.95 and silently override e.g. an SGD momentum of 0.5
+        return Schedule(sched.OneCycleLR(optimizer, max_lr=cfg.lr, total_steps=cfg.epochs * steps_per_epoch,
+                                         cycle_momentum=False), per_batch=True)
     if cfg.scheduler == "plateau":
         return Schedule(sched.ReduceLROnPlateau(optimizer, mode="max", factor=0.3, patience=1))
     raise ValueError(f"unknown scheduler {cfg.scheduler!r}")
+
+
+# Epochs below which each per-epoch technique cannot change anything. StepLR decays after
+# ceil(E/3) epochs, so at E=1 only after the last one; cosine's first step lands after
+# epoch 1; ReduceLROnPlateau (patience 1) lowers the lr after 3 epochs at the earliest and
+# that only matters from epoch 4. Early stopping with patience p stops after epoch p+1 at
+# the earliest, which cuts training short only when E >= p+2.
+def inert_techniques(cfg: TrainConfig) -> list[str]:
+    """Why each training technique of `cfg` can have no effect at its epoch budget (empty when all can act)."""
+    reasons = []
+    first_effect = {"step": max(1, math.ceil(cfg.epochs / 3)) + 1, "cosine": 2, "plateau": 4}
+    if cfg.scheduler in first_effect and cfg.epochs < first_effect[cfg.scheduler]:
+        reasons.append(f"{cfg.scheduler} scheduler changes the lr only after the last of {cfg.epochs} epoch(s)")
+    if cfg.early_stopping and cfg.epochs < cfg.early_stopping + 2:
+        reasons.append(f"early stopping (patience {cfg.early_stopping}) cannot stop a {cfg.epochs}-epoch run early")
+    return reasons
 
 
 # --- evaluation and training --------------------------------------------------------------
@@ -165,14 +184,22 @@ def evaluate(model: nn.Module, split: Split, augment: BatchAugment, device: torc
 
 @dataclass
 class FitResult:
+    """What a run measured. `fit` fills it in place, so after an exception (pruning, divergence,
+    interruption) the caller still holds the curves, seconds and images/s up to that point."""
+
     val_acc: list[float] = field(default_factory=list)
     train_loss: list[float] = field(default_factory=list)
     test_acc: float = float("nan")
     epochs_run: int = 0
+    kept_epoch: int = 0  # the epoch whose weights the model ends with (early stopping restores the best)
     train_seconds: float = 0.0
     images_per_sec: float = 0.0
     eval_images_per_sec: float = 0.0
     stop_reason: str = "completed"
+
+    @property
+    def kept_val_acc(self) -> float:
+        return self.val_acc[self.kept_epoch - 1] if self.kept_epoch else float("nan")
 
 
 EpochCallback = Callable[[int, float, float], None]
@@ -191,13 +218,30 @@ def _place(split: Split, device: torch.device, log: Callable[[str], None]) -> Sp
 
 def fit(model: nn.Module, splits: Splits, cfg: TrainConfig, *, device: torch.device, precision: str = "auto",
         seed: int = 0, on_epoch: EpochCallback | None = None, progress: bool = True,
-        log: Callable[[str], None] = tqdm.write, compile_model: bool = False) -> FitResult:
+        log: Callable[[str], None] = tqdm.write, compile_model: bool = False,
+        result: FitResult | None = None) -> FitResult:
     """Train `model` on `splits.train` for `cfg.epochs`, validating after every epoch, then test once.
 
     `on_epoch(epoch, train_loss, val_acc)` may raise to stop (that is how pruning works).
-    Raises Diverged when the loss stops being finite.
+    Raises Diverged when the loss stops being finite. `result`, when given, is filled in place.
     """
+    result = FitResult() if result is None else result
     started = time.perf_counter()
+    timing: dict[str, float] = {"train": 0.0, "images": 0, "epoch_start": math.nan}
+    try:
+        return _fit(model, splits, cfg, device=device, precision=precision, seed=seed, on_epoch=on_epoch,
+                    progress=progress, log=log, compile_model=compile_model, result=result, timing=timing)
+    finally:  # also on pruning, divergence and interruption: the cost of a stopped run is recorded too
+        now = time.perf_counter()
+        if math.isfinite(timing["epoch_start"]):  # stopped inside an epoch: its batches so far count
+            timing["train"] += now - timing["epoch_start"]
+        result.train_seconds = now - started
+        result.images_per_sec = timing["images"] / max(timing["train"], 1e-9)
+
+
+def _fit(model: nn.Module, splits: Splits, cfg: TrainConfig, *, device: torch.device, precision: str,
+         seed: int, on_epoch: EpochCallback | None, progress: bool, log: Callable[[str], None], compile_model: bool,
+         result: FitResult, timing: dict[str, float]) -> FitResult:
     dtype = resolve_precision(precision, device)
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
@@ -218,14 +262,13 @@ def fit(model: nn.Module, splits: Splits, cfg: TrainConfig, *, device: torch.dev
     scaler = torch.amp.GradScaler("cuda", enabled=dtype == torch.float16 and device.type == "cuda")
     gen = torch.Generator(device=device).manual_seed(seed)  # augmentation draws
     order_gen = torch.Generator().manual_seed(seed)  # batch order, identical on every device
-    result = FitResult()
-    best_acc, best_state, stale = -1.0, None, 0
-    train_time = eval_time = 0.0
+    best_acc, best_epoch, best_state, stale = -1.0, 0, None, 0
+    eval_time = 0.0
     eval_images = 0
 
     for epoch in range(1, cfg.epochs + 1):
         model.train()
-        t0 = time.perf_counter()
+        t0 = timing["epoch_start"] = time.perf_counter()
         order = torch.randperm(n, generator=order_gen).to(train.images.device)
         loss_sum = torch.zeros((), device=device)
         bar = tqdm(batches, desc=f"epoch {epoch}/{cfg.epochs}", unit="batch", leave=False, disable=not progress)
@@ -245,6 +288,7 @@ def fit(model: nn.Module, splits: Splits, cfg: TrainConfig, *, device: torch.dev
             scaler.update()
             schedule.after_batch()
             loss_sum += loss.detach() * (stop - start)
+            timing["images"] += stop - start
             if i % 20 == 19 or i == len(batches) - 1:  # reading the loss syncs the GPU: not every batch
                 running = loss_sum.item() / stop
                 if not math.isfinite(running):
@@ -254,12 +298,13 @@ def fit(model: nn.Module, splits: Splits, cfg: TrainConfig, *, device: torch.dev
         t1 = time.perf_counter()
         val_acc = evaluate(net, val, plain, device, dtype)
         t2 = time.perf_counter()
-        train_time += t1 - t0
+        timing["train"] += t1 - t0
+        timing["epoch_start"] = math.nan
         eval_time += t2 - t1
         eval_images += len(val)
         result.train_loss.append(train_loss)
         result.val_acc.append(val_acc)
-        result.epochs_run = epoch
+        result.epochs_run = result.kept_epoch = epoch
         if progress:
             log(f"[{epoch}/{cfg.epochs}] loss={train_loss:.3f} val_acc={val_acc:.3f}")
         schedule.after_epoch(val_acc)
@@ -267,20 +312,19 @@ def fit(model: nn.Module, splits: Splits, cfg: TrainConfig, *, device: torch.dev
             on_epoch(epoch, train_loss, val_acc)
         if cfg.early_stopping:
             if val_acc > best_acc:
-                best_acc, stale = val_acc, 0
+                best_acc, best_epoch, stale = val_acc, epoch, 0
                 best_state = copy.deepcopy(model.state_dict())
             else:
                 stale += 1
                 if stale >= cfg.early_stopping:
                     result.stop_reason = "early-stopped"
                     break
-    if best_state is not None:  # early stopping keeps the best epoch's weights
+    if best_state is not None:  # early stopping keeps the best epoch's weights: value, test and checkpoint agree
         model.load_state_dict(best_state)
+        result.kept_epoch = best_epoch
     t3 = time.perf_counter()
     result.test_acc = evaluate(net, test, plain, device, dtype)
     eval_time += time.perf_counter() - t3
     eval_images += len(test)
-    result.train_seconds = time.perf_counter() - started
-    result.images_per_sec = result.epochs_run * batches[-1][1] / max(train_time, 1e-9)
     result.eval_images_per_sec = eval_images / max(eval_time, 1e-9)
     return result

@@ -10,8 +10,6 @@ from optuna.trial import TrialState, create_trial
 
 from bench.analysis import (
     BASELINE_CELL,
-    bootstrap_diff,
-    bootstrap_mean,
     matrix_frame,
     pareto_front_rows,
     trials_frame,
@@ -22,42 +20,46 @@ from bench.objective import Attr
 from bench.report import NOTHING, main, write_report
 from bench.space import BASELINE, build_space, params_for_config
 
-SPACE = build_space(max_epochs=5)
+SPACE = build_space(max_epochs=30)
 DISTS = {p.name: p.distribution for p in SPACE}
 
 
-def add_trial(study, cfg=BASELINE, *, test_acc=0.5, state=TrialState.COMPLETE, cell=None, seconds=10.0, curve=None):
+FULL_IMAGES = 45_000  # CIFAR-10's 50,000 less the 10% validation split: the claims' budget
+
+
+def add_trial(study, cfg=BASELINE, *, test_acc=0.5, state=TrialState.COMPLETE, cell=None, seconds=10.0, curve=None,
+              seed=None, images=FULL_IMAGES, stop_reason=None, fail_reason=None):
     params = params_for_config(cfg, SPACE)
     attrs = {Attr.TEST_ACC: test_acc, Attr.VAL_ACC: test_acc, Attr.TRAIN_SECONDS: seconds, Attr.EPOCHS_RUN: 2,
-             Attr.VAL_CURVE: curve or [test_acc - 0.1, test_acc], Attr.LOSS_CURVE: [2.0, 1.5], Attr.DEVICE: "cpu"}
+             Attr.VAL_CURVE: curve or [test_acc - 0.1, test_acc], Attr.LOSS_CURVE: [2.0, 1.5], Attr.DEVICE: "cpu",
+             Attr.TRAIN_IMAGES: images, Attr.NUM_CLASSES: 10}
     if cell:
         attrs[Attr.CELL] = cell
+    if seed is not None:
+        attrs[Attr.SEED] = seed
+    if stop_reason:
+        attrs[Attr.STOP_REASON] = stop_reason
+    if fail_reason:
+        attrs[Attr.FAIL_REASON] = fail_reason
+    if state != TrialState.COMPLETE:
+        attrs.pop(Attr.TEST_ACC)
     study.add_trial(create_trial(params=params, distributions={k: DISTS[k] for k in params},
                                  value=test_acc if state == TrialState.COMPLETE else None,
                                  state=state, user_attrs=attrs))
 
 
+def add_cell(study, cell, cfg, accs, **kw):
+    for seed, acc in enumerate(accs):
+        add_trial(study, cfg, test_acc=acc, cell=cell, seed=seed, **kw)
+
+
 def designed_study(name="designed"):
     study = optuna.create_study(study_name=name, direction="maximize")
-    for acc in (0.50, 0.52, 0.54):
-        add_trial(study, test_acc=acc, cell=BASELINE_CELL)
-    for acc in (0.60, 0.62, 0.64):
-        add_trial(study, BASELINE.replace(batch_norm=True), test_acc=acc, cell="BatchNorm")
-    for acc in (0.30, 0.31, 0.32):
-        add_trial(study, BASELINE.replace(loss="mse"), test_acc=acc, cell="MSE")
-    for acc in (0.53, 0.54, 0.55):
-        add_trial(study, BASELINE.replace(extra_blocks=1), test_acc=acc, cell="extra conv layers")
+    add_cell(study, BASELINE_CELL, BASELINE, (0.50, 0.52, 0.54))
+    add_cell(study, "BatchNorm", BASELINE.replace(batch_norm=True), (0.60, 0.625, 0.64))
+    add_cell(study, "MSE", BASELINE.replace(loss="mse"), (0.30, 0.31, 0.32))
+    add_cell(study, "extra conv layers", BASELINE.replace(extra_blocks=1), (0.53, 0.54, 0.555))
     return study
-
-
-def test_bootstrap_of_known_values():
-    ci = bootstrap_mean(np.array([70.0, 70.0, 70.0]))
-    assert (ci.mean, ci.low, ci.high) == (70.0, 70.0, 70.0)
-    ci = bootstrap_mean(np.array([50.0, 52.0, 54.0]))
-    assert ci.mean == 52.0 and 50.0 <= ci.low < 52.0 < ci.high <= 54.0
-    assert math.isnan(bootstrap_mean(np.array([1.0])).low)
-    d = bootstrap_diff(np.array([60.0, 62.0, 64.0]), np.array([50.0, 52.0, 54.0]))
-    assert d.mean == pytest.approx(10.0) and 6.0 <= d.low < 10.0 < d.high <= 14.0
 
 
 @pytest.mark.parametrize("low, high, claim, expected", [
@@ -76,24 +78,108 @@ def test_designed_matrix_gives_known_means_and_verdicts():
     matrix = matrix_frame(trials_frame(designed_study(), SPACE)).set_index("level")
     assert matrix["method"].iloc[0].startswith("designed")
     bn = matrix.loc["BatchNorm"]
-    assert bn["n"] == 3 and bn["mean_acc"] == pytest.approx(62.0) and bn["diff"] == pytest.approx(10.0)
-    assert bn["verdict"] == "supported"  # claim: BN helps (> 0)
+    assert bn["n"] == 3 and bn["n_pairs"] == 3 and bn["interval"] == "paired t"
+    assert bn["mean_acc"] == pytest.approx(62.1667, abs=1e-3) and bn["diff"] == pytest.approx(10.1667, abs=1e-3)
+    assert bn["verdict"] == "supported"  # claim: BN helps (> 0); paired diffs 10, 10.5, 10 lie well above 0
     assert matrix.loc["MSE", "diff"] == pytest.approx(-21.0) and matrix.loc["MSE", "verdict"] == "supported"
-    assert matrix.loc["extra conv layers", "verdict"] == "contradicted"  # claim >= +10, measured ~+2
-    assert matrix.loc["StepLR", "n"] == 0 and matrix.loc["StepLR", "verdict"] == "inconclusive"
+    assert matrix.loc["extra conv layers", "verdict"] == "contradicted"  # claim >= +10, measured ~+1.2
+    assert matrix.loc["StepLR", "n"] == 0 and matrix.loc["StepLR", "verdict"] == "no data"
+    assert matrix.loc["BatchNorm", "epochs"] == 5 and matrix.loc["BatchNorm", "claim_epochs"] == 5
 
 
-def test_search_matrix_compares_trials_with_and_without_a_level():
+def test_too_few_seeds_gets_no_verdict():
+    study = optuna.create_study(direction="maximize")
+    add_cell(study, BASELINE_CELL, BASELINE, (0.50, 0.52))
+    add_cell(study, "BatchNorm", BASELINE.replace(batch_norm=True), (0.70, 0.72))
+    row = matrix_frame(trials_frame(study, SPACE)).set_index("level").loc["BatchNorm"]
+    assert row["verdict"] == "too few seeds" and row["n_pairs"] == 2 and "needs 3" in row["note"]
+
+
+def test_reduced_budget_gets_no_verdict_and_inert_levels_say_so():
+    study = optuna.create_study(direction="maximize")
+    one = BASELINE.replace(epochs=1)
+    add_cell(study, BASELINE_CELL, one, (0.30, 0.31, 0.32), images=4500)
+    add_cell(study, "BatchNorm", one.replace(batch_norm=True), (0.40, 0.41, 0.42), images=4500)
+    add_cell(study, "StepLR", one.replace(scheduler="step"), (0.30, 0.31, 0.32), images=4500)
+    add_cell(study, "early stopping", one.replace(early_stopping=3), (0.30, 0.31, 0.32), images=4500)
+    matrix = matrix_frame(trials_frame(study, SPACE)).set_index("level")
+    assert matrix.loc["BatchNorm", "verdict"] == "not tested at this budget"
+    assert "1 epochs on 4,500" in matrix.loc["BatchNorm", "note"] and "5 epochs on 50,000" in matrix.loc["BatchNorm", "note"]
+    assert matrix.loc["StepLR", "verdict"] == "inert at this budget" and "after the last of 1" in matrix.loc["StepLR", "note"]
+    assert matrix.loc["early stopping", "verdict"] == "inert at this budget"
+    assert not matrix["verdict"].isin(["supported", "contradicted", "inconclusive"]).any()
+
+
+def test_full_budget_with_too_few_images_is_not_tested():
+    study = optuna.create_study(direction="maximize")
+    add_cell(study, BASELINE_CELL, BASELINE, (0.50, 0.52, 0.54), images=5000)
+    add_cell(study, "BatchNorm", BASELINE.replace(batch_norm=True), (0.60, 0.62, 0.64), images=5000)
+    assert matrix_frame(trials_frame(study, SPACE)).set_index("level").loc["BatchNorm", "verdict"] == "not tested at this budget"
+
+
+def test_levels_are_compared_with_their_claims_reference_cell():
+    study = optuna.create_study(direction="maximize")
+    long = BASELINE.replace(epochs=20)
+    add_cell(study, BASELINE_CELL, BASELINE, (0.50, 0.52, 0.54))
+    add_cell(study, "20 epochs", long, (0.66, 0.68, 0.70))  # +16 points on every seed: inside the claimed 5-20
+    add_cell(study, "Adam lr 1e-3", long.replace(lr=1e-3), (0.76, 0.765, 0.77))
+    add_cell(study, "AdamW lr 1e-3", long.replace(optimizer="adamw", lr=1e-3, weight_decay=1e-2), (0.775, 0.785, 0.79))
+    matrix = matrix_frame(trials_frame(study, SPACE)).set_index("level")
+    adamw = matrix.loc["AdamW lr 1e-3"]
+    assert adamw["reference"] == "Adam lr 1e-3" and adamw["diff"] == pytest.approx(1.8333, abs=1e-3)
+    assert adamw["verdict"] == "supported"  # claim: 0 to +3 points over Adam at the same lr
+    adam = matrix.loc["Adam lr 1e-3"]  # an accuracy claim: 75-78% at 20 epochs
+    assert adam["reference"] == "20 epochs" and adam["verdict"] == "supported"
+    long_row = matrix.loc["20 epochs"]
+    assert (long_row["epochs"], long_row["reference_epochs"]) == (20, 5) and long_row["verdict"] == "supported"
+
+
+def test_diverged_seeds_count_at_chance_and_are_shown():
+    study = optuna.create_study(direction="maximize")
+    add_cell(study, BASELINE_CELL, BASELINE, (0.50, 0.52, 0.54))
+    add_cell(study, "wider channels", BASELINE.replace(width=2.0), (0.60, 0.62))
+    for _ in range(2):  # seed 2 diverged, was rerun once, diverged again: an outcome, not a gap
+        add_trial(study, BASELINE.replace(width=2.0), state=TrialState.PRUNED, cell="wider channels", seed=2,
+                  stop_reason="diverged")
+    row = matrix_frame(trials_frame(study, SPACE)).set_index("level").loc["wider channels"]
+    assert row["n"] == 3 and row["n_diverged"] == 1 and "1 of 3 diverged" in row["note"]
+    assert row["mean_acc"] == pytest.approx((60 + 62 + 10) / 3)
+
+
+def test_search_matrix_is_exploratory_with_fixed_groups():
     study = optuna.create_study(direction="maximize")
     for i, acc in enumerate((0.50, 0.52, 0.54, 0.56)):
         add_trial(study, BASELINE.replace(lr=0.001 * (i + 1)), test_acc=acc)
     for acc in (0.40, 0.42):
         add_trial(study, BASELINE.replace(loss="mse", lr=0.002), test_acc=acc)
+    add_trial(study, BASELINE.replace(optimizer="sgd", lr=0.001), test_acc=0.1)
     matrix = matrix_frame(trials_frame(study, SPACE)).set_index("level")
-    assert matrix["method"].iloc[0].startswith("search")
+    assert matrix["method"].iloc[0].startswith("search trials: exploratory")
+    assert set(matrix["verdict"]) == {"exploratory"} and matrix["diff_low"].isna().all()
     mse = matrix.loc["MSE"]
-    assert (mse["n"], mse["n_baseline"]) == (2, 4)
-    assert mse["diff"] == pytest.approx(41.0 - 53.0)
+    assert (mse["n"], mse["n_reference"]) == (2, 5)  # MSE vs every cross-entropy trial, whatever its optimizer
+    assert mse["diff"] == pytest.approx(41.0 - (50 + 52 + 54 + 56 + 10) / 5)
+    smoothing = matrix.loc["label smoothing 0.1"]
+    assert smoothing["n_reference"] == 5  # cross-entropy trials only: MSE trials are not 'smoothing 0'
+    adam = matrix.loc["Adam lr 1e-3"]
+    assert adam["n"] == 1  # only the Adam trial at lr 1e-3 (2e-3 is nearer 3e-3 on the log scale); never SGD
+
+
+def test_search_study_where_smoothing_does_nothing_gets_no_verdict(tmp_path):
+    """The review's case: 40 search trials, label smoothing without effect; no verdict may appear."""
+    rng = np.random.default_rng(0)
+    study = optuna.create_study(direction="maximize")
+    for _ in range(40):
+        loss = str(rng.choice(["ce", "focal", "mse"]))
+        cfg = BASELINE.replace(loss=loss, label_smoothing=float(rng.choice([0.0, 0.1])) if loss == "ce" else 0.0,
+                               lr=float(10 ** rng.uniform(-3.5, -2)))
+        acc = {"ce": 0.60, "focal": 0.55, "mse": 0.40}[loss] + rng.normal(0, 0.02)
+        add_trial(study, cfg, test_acc=float(acc))
+    matrix = matrix_frame(trials_frame(study, SPACE))
+    assert not matrix["verdict"].isin(["supported", "contradicted", "inconclusive"]).any()
+    write_report(study, tmp_path)
+    page = (tmp_path / "index.html").read_text()
+    assert "exploratory" in page and ">supported<" not in page and ">contradicted<" not in page
 
 
 def test_trials_frame_has_every_parameter_and_metric():
@@ -183,8 +269,7 @@ def test_cumulative_path_starts_at_the_baseline_in_declared_order():
 
     study = designed_study()
     for step, accs in (("02. +b", (0.70, 0.72)), ("01. +a", (0.60, 0.62))):
-        for acc in accs:
-            add_trial(study, BASELINE.replace(epochs=4), test_acc=acc, cell=f"cumulative: {step}")
+        add_cell(study, f"cumulative: {step}", BASELINE.replace(epochs=4), accs)
     path = cumulative_frame(trials_frame(study, SPACE))
     assert path["step"].tolist() == [BASELINE_CELL, "01. +a", "02. +b"]
     assert path["mean_acc"].tolist() == pytest.approx([52.0, 61.0, 71.0])

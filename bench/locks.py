@@ -92,6 +92,13 @@ class TrialGate:
             self.held = False
             self._lock.release()
 
+    def __enter__(self) -> TrialGate:
+        self.acquire()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
+
 
 class RunLock:
     """Exclusive per study on a file storage while a `bench.run` (and its workers) runs."""

@@ -18,7 +18,7 @@ from typing import Any
 import optuna
 from optuna.trial import TrialState
 
-from bench.analysis import BASELINE_CELL, CUMULATIVE_PREFIX, attempt_kind, settle
+from bench.analysis import BASELINE_CELL, CUMULATIVE_PREFIX, MAX_ATTEMPTS, attempt_kind, settle
 from bench.checkpoint import KEEP_POLICIES, CheckpointSink, artifact_dir, open_store
 from bench.errors import UsageError, redact, run_cli
 from bench.locks import RunLock, TrialGate, storage_file
@@ -28,7 +28,6 @@ from bench.run import (
     add_data_args,
     add_study_args,
     load_data_args,
-    positive_int,
     print_summary,
     raise_interrupt,
     record_budget,
@@ -92,6 +91,33 @@ def describe(cells: Sequence[Cell], train_images: int, done: int) -> list[str]:
     return lines
 
 
+def run_cells(study: optuna.Study, cells: Sequence[Cell], space: tuple, *, objective: Objective, gate: TrialGate,
+              fail_left_running: bool) -> int:
+    """Enqueue the missing cells and run them; a second round reruns once those that diverged or failed."""
+    if fail_left_running:
+        with gate:
+            fail_orphans(study, "found running at start")
+    report = lambda s, t: print(f"{t.user_attrs.get(Attr.CELL, '?'):<40} seed={t.user_attrs.get(Attr.SEED)} {trial_line(t)}", flush=True)  # noqa: E731
+    signal.signal(signal.SIGTERM, raise_interrupt)
+    for _ in range(MAX_ATTEMPTS):
+        with gate:  # two matrix processes on one study: the second sees the first's cells and enqueues none twice
+            todo = pending(cells, study)
+            for cell in todo:
+                study.enqueue_trial(params_for_config(cell.config, space), user_attrs={Attr.CELL: cell.name, Attr.SEED: cell.seed})
+        waiting = len(study.get_trials(deepcopy=False, states=(TrialState.WAITING,)))
+        if not waiting:
+            break
+        print(f"{len(todo)} cells enqueued; {waiting} waiting to run", flush=True)
+        try:
+            run_trials(study, objective, None, gate=gate, callbacks=[report])
+        except KeyboardInterrupt:
+            print("interrupted: the running cell is recorded as failed (interrupted); rerun the same command to finish "
+                  "the matrix", file=sys.stderr)
+            print_summary(study)
+            return INTERRUPTED_EXIT
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m bench.matrix", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -102,7 +128,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="repeats of every cell, seeds SEED..SEED+K-1; a verdict needs 3 seed pairs (default: 5)")
     g.add_argument("--epochs-scale", type=float, default=1.0,
                    help="multiply every cell's epochs (0.25 turns 5/20 into 1/5); the report states it (default: 1)")
-    g.add_argument("--max-epochs", type=positive_int, default=30, help="cap on any cell's epochs (default: 30)")
+    g.add_argument("--max-epochs", type=int, default=30, help="cap on any cell's epochs (default: 30)")
     g.add_argument("--force", action="store_true", help="add to a study made with another dataset or split")
     g.add_argument("--dry-run", action="store_true", help="list the cells and the estimated compute, train nothing")
     g.add_argument("--keep-models", choices=KEEP_POLICIES, default="best", help="(default: best)")
@@ -115,6 +141,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.seeds < 1:
         raise UsageError(f"--seeds must be 1 or more, got {args.seeds}")
+    if args.max_epochs < 1:
+        raise UsageError(f"--max-epochs must be 1 or more, got {args.max_epochs}")
     if not 0 < args.epochs_scale <= 10:
         raise UsageError(f"--epochs-scale must be in (0, 10], got {args.epochs_scale}")
     optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -154,31 +182,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     for key, value in design_attrs.items():
         study.set_user_attr(key, value)
     record_budget(study, splits)
-    gate = TrialGate(storage_url, args.study_name)
-    gate.acquire()  # two matrix processes on one study: the second sees the first's cells and enqueues none twice
+    run_lock = RunLock(storage_url, args.study_name)
+    alone = run_lock.try_acquire()  # alone on this file storage: RUNNING cells were left by a killed run
     try:
-        if RunLock(storage_url, args.study_name).try_acquire():  # alone on this file: RUNNING cells are orphans
-            fail_orphans(study, "found running at start")
-        todo = pending(cells, study)
-        for cell in todo:
-            study.enqueue_trial(params_for_config(cell.config, space), user_attrs={Attr.CELL: cell.name, Attr.SEED: cell.seed})
+        code = run_cells(study, cells, space, objective=Objective(
+            splits, space, TrialSettings(device=args.device, precision=args.precision, seed=args.seed,
+                                         progress=not args.quiet, compile_model=args.compile),
+            on_model=CheckpointSink(open_store(artifact_dir(storage_url, args.study_name)), storage, args.keep_models,
+                                    dataset)), gate=TrialGate(storage_url, args.study_name), fail_left_running=alone)
     finally:
-        gate.release()
-    waiting = len(study.get_trials(deepcopy=False, states=(TrialState.WAITING,)))
-    print(f"{len(todo)} cells enqueued; {waiting} waiting to run")
-    store = open_store(artifact_dir(storage_url, args.study_name))
-    objective = Objective(splits, space, TrialSettings(device=args.device, precision=args.precision, seed=args.seed,
-                                                       progress=not args.quiet, compile_model=args.compile),
-                          on_model=CheckpointSink(store, storage, args.keep_models, dataset))
-    report = lambda s, t: print(f"{t.user_attrs.get(Attr.CELL, '?'):<40} seed={t.user_attrs.get(Attr.SEED)} {trial_line(t)}", flush=True)  # noqa: E731
-    signal.signal(signal.SIGTERM, raise_interrupt)
-    try:
-        run_trials(study, objective, None, gate=gate, callbacks=[report])
-    except KeyboardInterrupt:
-        print("interrupted: the running cell is recorded as failed (interrupted); rerun the same command to finish "
-              "the matrix", file=sys.stderr)
-        print_summary(study)
-        return INTERRUPTED_EXIT
+        run_lock.release()
+    if code:
+        return code
     print_summary(study)
     print(f"report: python -m bench.report --study {args.study_name}"
           + (f" --storage {redact(storage_url)}" if args.storage else ""))

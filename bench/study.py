@@ -107,10 +107,27 @@ def open_storage(url: str, *, heartbeat: bool = True, heartbeat_seconds: int = 3
             # a killed worker's trial is failed after the grace period and re-run with its parameters
             kwargs = dict(heartbeat_interval=heartbeat_seconds, grace_period=3 * heartbeat_seconds,
                           heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=2))
-        return optuna.storages.RDBStorage(url, engine_kwargs=_engine_kwargs(url), **kwargs)
+        return _create_rdb(url, kwargs)
     except Exception as exc:
         message = redact(str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
         raise UsageError(f"cannot open storage {shown}: {message}; check the URL, the server and the credentials") from None
+
+
+# Two processes opening one new database race in Optuna's schema creation ("table ... already exists",
+# "UNIQUE constraint failed: alembic_version"; 3 of 8 paired opens of a new SQLite file failed here).
+# The loser finds the schema complete a moment later, so it opens again.
+_SCHEMA_RACE = ("already exists", "UNIQUE constraint failed: alembic_version", "duplicate key value")
+
+
+def _create_rdb(url: str, kwargs: dict[str, Any], attempts: int = 3) -> optuna.storages.RDBStorage:
+    for attempt in range(attempts):
+        try:
+            return optuna.storages.RDBStorage(url, engine_kwargs=_engine_kwargs(url), **kwargs)
+        except Exception as exc:
+            if attempt == attempts - 1 or not any(s in str(exc) for s in _SCHEMA_RACE):
+                raise
+            time.sleep(0.2 * (attempt + 1))
+    raise AssertionError("unreachable")
 
 
 def _engine_kwargs(url: str) -> dict[str, Any]:

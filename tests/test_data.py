@@ -128,3 +128,18 @@ def test_val_split_zero_uses_the_test_set_and_subset_is_stratified(rgb_folder, c
 
 def test_stored_path_is_recorded(rgb_folder, cache_dir):
     assert Path(load_image_folder(rgb_folder, cache_dir=cache_dir).source) == rgb_folder
+
+
+@pytest.mark.parametrize("n", [6, 15, 25, 36])
+def test_train_subset_gives_exactly_n_stratified_images(rgb_folder, cache_dir, n):
+    ds = load_image_folder(rgb_folder, cache_dir=cache_dir)  # 3 classes x 12 train images
+    s = make_splits(ds, val_split=0, train_subset=n, seed=0)
+    assert len(s.train) == n
+    counts = torch.bincount(s.train.labels, minlength=3).tolist()
+    assert max(counts) - min(counts) <= 1
+
+
+def test_train_subset_below_two_per_class_is_a_usage_error(rgb_folder, cache_dir):
+    ds = load_image_folder(rgb_folder, cache_dir=cache_dir)
+    with pytest.raises(UsageError, match="between 6 \\(2 images per class\\)"):
+        make_splits(ds, train_subset=4)

@@ -156,3 +156,37 @@ def test_read_only_studies_directory(rgb_folder, cache_dir, tmp_path, capsys):
             "--storage", f"sqlite:///{ro / 'x.db'}", "--trials", "1"]
     assert run(*args) == 2
     assert "not writable" in capsys.readouterr().err
+
+
+def _objective(rgb_folder, cache_dir):
+    from bench.data import load_image_folder, make_splits
+    from bench.objective import Objective, TrialSettings
+    from bench.space import build_space
+
+    splits = make_splits(load_image_folder(rgb_folder, cache_dir=cache_dir), val_split=0.25, seed=0)
+    return Objective(splits, build_space(3), TrialSettings(device="cpu", precision="fp32", progress=False))
+
+
+def test_a_pruned_trial_records_what_it_cost_and_measured(rgb_folder, cache_dir):
+    from bench.space import BASELINE, build_space, params_for_config
+
+    study = optuna.create_study(direction="maximize", pruner=optuna.pruners.ThresholdPruner(lower=1.1))  # prunes at once
+    study.enqueue_trial(params_for_config(BASELINE.replace(epochs=3, batch_size=64), build_space(3)))
+    study.optimize(_objective(rgb_folder, cache_dir), n_trials=1)
+    t = study.trials[0]
+    assert t.state == TrialState.PRUNED and t.user_attrs[Attr.STOP_REASON] == "pruned"
+    a = t.user_attrs
+    assert a[Attr.EPOCHS_RUN] == 1 and a[Attr.TRAIN_SECONDS] > 0 and a[Attr.IMAGES_PER_SEC] > 0
+    assert a[Attr.VAL_ACC] == a[Attr.VAL_CURVE][-1] and len(a[Attr.LOSS_CURVE]) == 1
+
+
+def test_a_retried_trial_starts_with_fresh_curves(rgb_folder, cache_dir):
+    from bench.space import BASELINE, build_space, params_for_config
+
+    study = optuna.create_study(direction="maximize")
+    dead = {Attr.VAL_CURVE: [0.1, 0.2, 0.3], Attr.LOSS_CURVE: [9.0, 8.0, 7.0], "retry_of": 0}  # what a retry inherits
+    study.enqueue_trial(params_for_config(BASELINE.replace(epochs=2, batch_size=64), build_space(3)), user_attrs=dead)
+    study.optimize(_objective(rgb_folder, cache_dir), n_trials=1)
+    a = study.trials[0].user_attrs
+    assert len(a[Attr.VAL_CURVE]) == 2 and len(a[Attr.LOSS_CURVE]) == 2 and 9.0 not in a[Attr.LOSS_CURVE]
+    assert a[Attr.KEPT_EPOCH] == 2 and study.trials[0].value == a[Attr.VAL_CURVE][-1]

@@ -75,3 +75,113 @@ def test_pending_reruns_failed_cells_only():
                                                   user_attrs={Attr.CELL: cell.name, Attr.SEED: cell.seed}))
     todo = pending(cells, study)
     assert cells[0] not in todo and cells[1] in todo and len(todo) == len(cells) - 1
+
+
+def _small_design(monkeypatch, names=(BASELINE_CELL, "BatchNorm", "MSE")):
+    import bench.matrix as matrix_module
+
+    full = matrix_module.design
+    monkeypatch.setattr(matrix_module, "design", lambda **kw: [c for c in full(**kw) if c.name in names])
+
+
+def _matrix_args(rgb_folder, cache_dir, tmp_path, seeds=3):
+    storage = f"sqlite:///{tmp_path / 'm.db'}"
+    return ["--dataset", str(rgb_folder), "--cache-dir", str(cache_dir), "--study-name", "m", "--storage", storage,
+            "--seeds", str(seeds), "--epochs-scale", "0.2", "--val-split", "0.25", "--quiet", "--keep-models", "none"], storage
+
+
+def _cells(study):
+    from bench.objective import Attr
+
+    done: dict[str, list[int]] = {}
+    for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,)):
+        done.setdefault(t.user_attrs[Attr.CELL], []).append(t.user_attrs[Attr.SEED])
+    return done
+
+
+def test_a_killed_matrix_rerun_finishes_with_exactly_n_seeds_per_cell(rgb_folder, cache_dir, tmp_path, monkeypatch):
+    import bench.objective
+
+    _small_design(monkeypatch)
+    args, storage = _matrix_args(rgb_folder, cache_dir, tmp_path)
+    real_fit, calls = bench.objective.fit, []
+
+    def interrupted_on_the_fourth(*a, **k):
+        calls.append(1)
+        if len(calls) == 4:
+            raise KeyboardInterrupt
+        return real_fit(*a, **k)
+
+    monkeypatch.setattr(bench.objective, "fit", interrupted_on_the_fourth)
+    assert run_cli(main, args) == 130
+    study = optuna.load_study(study_name="m", storage=storage)
+    study.ask()  # a hard kill (SIGKILL) leaves the next cell RUNNING forever
+    states = [t.state.name for t in study.trials]
+    assert "RUNNING" in states and "FAIL" in states
+    monkeypatch.setattr(bench.objective, "fit", real_fit)
+    assert run_cli(main, args) == 0
+    study = optuna.load_study(study_name="m", storage=storage)
+    assert {cell: sorted(seeds) for cell, seeds in _cells(study).items()} == {
+        BASELINE_CELL: [0, 1, 2], "BatchNorm": [0, 1, 2], "MSE": [0, 1, 2]}
+    assert not study.get_trials(states=(optuna.trial.TrialState.RUNNING, optuna.trial.TrialState.WAITING))
+    matrix = matrix_frame(trials_frame(study)).set_index("level")
+    assert matrix.loc["MSE", "n"] == 3 and matrix.loc["MSE", "n_pairs"] == 3
+
+
+def test_a_diverged_cell_is_rerun_once_then_counted_as_diverged(rgb_folder, cache_dir, tmp_path, monkeypatch):
+    import bench.objective
+    from bench.train import Diverged
+
+    _small_design(monkeypatch)
+    args, storage = _matrix_args(rgb_folder, cache_dir, tmp_path, seeds=1)
+    real_fit = bench.objective.fit
+
+    def mse_diverges(model, splits, cfg, **k):
+        if cfg.loss == "mse":
+            raise Diverged("loss became nan in epoch 1")
+        return real_fit(model, splits, cfg, **k)
+
+    monkeypatch.setattr(bench.objective, "fit", mse_diverges)
+    assert run_cli(main, args) == 0
+    study = optuna.load_study(study_name="m", storage=storage)
+    from bench.objective import Attr
+
+    mse = [t for t in study.trials if t.user_attrs.get(Attr.CELL) == "MSE"]
+    assert [t.user_attrs[Attr.STOP_REASON] for t in mse] == ["diverged", "diverged"]  # run, and rerun once
+    assert run_cli(main, args) == 0  # settled: a third run adds nothing
+    assert len(optuna.load_study(study_name="m", storage=storage).trials) == 4
+    row = matrix_frame(trials_frame(study)).set_index("level").loc["MSE"]
+    assert row["n"] == 1 and row["n_diverged"] == 1 and row["mean_acc"] == pytest.approx(100 / 3)  # chance, 3 classes
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--max-epochs", "0"], "--max-epochs"),
+    (["--seeds", "0"], "--seeds"),
+    (["--epochs-scale", "0"], "--epochs-scale"),
+    (["--train-subset", "4"], "2 images per class"),
+])
+def test_matrix_bad_input_is_one_line_and_exit_2(rgb_folder, cache_dir, tmp_path, capsys, extra, message):
+    args, _ = _matrix_args(rgb_folder, cache_dir, tmp_path)
+    assert run_cli(main, [*args, *extra]) == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err and len(err.splitlines()) <= 2 and "Traceback" not in err
+
+
+def test_two_concurrent_matrix_runs_leave_no_duplicate_cell(rgb_folder, cache_dir, tmp_path):
+    import subprocess
+    import sys
+
+    storage = f"sqlite:///{tmp_path / 'c.db'}"
+    cmd = [sys.executable, "-m", "bench.matrix", "--dataset", str(rgb_folder), "--cache-dir", str(cache_dir),
+           "--study-name", "c", "--storage", storage, "--seeds", "1", "--epochs-scale", "0.05", "--val-split", "0.25",
+           "--quiet", "--keep-models", "none", "--precision", "fp32"]
+    env = {**__import__("os").environ, "OMP_NUM_THREADS": "1"}
+    procs = [subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env) for _ in range(2)]
+    outputs = [p.communicate(timeout=300)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], outputs
+    study = optuna.load_study(study_name="c", storage=storage)
+    cells = _cells(study)
+    assert len(cells) == len(design(seeds=(0,))) and all(seeds == [0] for seeds in cells.values())
+    assert len(study.trials) == len(cells)  # nothing enqueued or run twice
+    ran = [sum("seed=0 trial" in line for line in out.splitlines()) for out in outputs]
+    assert sum(ran) == len(cells)

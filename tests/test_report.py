@@ -5,6 +5,7 @@ import re
 
 import numpy as np
 import optuna
+import pandas as pd
 import pytest
 from optuna.trial import TrialState, create_trial
 
@@ -274,3 +275,84 @@ def test_cumulative_path_starts_at_the_baseline_in_declared_order():
     assert path["step"].tolist() == [BASELINE_CELL, "01. +a", "02. +b"]
     assert path["mean_acc"].tolist() == pytest.approx([52.0, 61.0, 71.0])
     assert path["n"].tolist() == [3, 2, 2]
+
+
+def _page_text(path) -> str:
+    """The page without its embedded images (base64 can spell anything)."""
+    return re.sub(r"data:image/png;base64,[A-Za-z0-9+/=]+", "", (path / "index.html").read_text())
+
+
+def scaled_matrix_and_search(tmp_path):
+    """The review's case: a 3-seed matrix at epochs scale 0.2 with a diverged seed and a cell of one seed,
+    plus an 8-trial search study; neither page may print 'nan'."""
+    matrix = optuna.create_study(study_name="scaled", direction="maximize")
+    for key, value in (("bench.epochs_scale", 0.2), ("bench.train_subset", 5000), ("bench.train_images", 4500),
+                       ("bench.val_images", 500), ("bench.val_is_test", False), ("bench.max_epochs", 30)):
+        matrix.set_user_attr(key, value)
+    one = BASELINE.replace(epochs=1)
+    add_cell(matrix, BASELINE_CELL, one, (0.30, 0.31, 0.33), images=4500)
+    add_cell(matrix, "BatchNorm", one.replace(batch_norm=True), (0.35,), images=4500)
+    add_cell(matrix, "StepLR", one.replace(scheduler="step"), (0.30, 0.32, 0.31), images=4500)
+    add_cell(matrix, "wider channels", one.replace(width=2.0), (0.36, 0.37), images=4500)
+    for _ in range(2):
+        add_trial(matrix, one.replace(width=2.0), state=TrialState.PRUNED, cell="wider channels", seed=2,
+                  stop_reason="diverged", images=4500)
+    add_cell(matrix, "cumulative: 01. +20 epochs", BASELINE.replace(epochs=4), (0.40,), images=4500)
+    search = optuna.create_study(study_name="search8", direction="maximize")
+    search.set_user_attr("bench.val_is_test", True)
+    search.set_user_attr("bench.val_images", 10000)
+    for i in range(8):
+        add_trial(search, BASELINE.replace(lr=0.001 * (i + 1), batch_norm=bool(i % 2)), test_acc=0.4 + i / 100)
+    return matrix, search
+
+
+def test_pages_never_print_nan(tmp_path):
+    for study in scaled_matrix_and_search(tmp_path):
+        out = tmp_path / study.study_name
+        write_report(study, out)
+        page = _page_text(out)
+        assert not re.search(r"\bnan\b", page, re.IGNORECASE), re.findall(r".{60}\bnan\b.{20}", page, re.I)[:3]
+        assert not re.search(r"\bnan\b", (out / "matrix.csv").read_text(), re.I)  # missing values are empty cells
+
+
+def test_scaled_matrix_page_shows_the_budget_and_no_verdict(tmp_path):
+    matrix_study, _ = scaled_matrix_and_search(tmp_path)
+    write_report(matrix_study, tmp_path)
+    page = _page_text(tmp_path)
+    assert "4,500 train images (--train-subset 5000)" in page and "epochs scaled by 0.2" in page
+    assert "rows ran at another budget than their claim" in page
+    for word in (">supported<", ">contradicted<", ">inconclusive<"):
+        assert word not in page
+    assert "inert at this budget" in page and "1 of 3 diverged" in page
+    csv = pd.read_csv(tmp_path / "matrix.csv")
+    for col in ("epochs", "reference_epochs", "train_images", "claim_epochs", "claim_train_images", "claim_budget_source"):
+        assert col in csv.columns
+    assert csv.set_index("level").loc["BatchNorm", "train_images"] == 4500
+
+
+def test_search_page_warns_about_test_set_selection_and_gates_importance(tmp_path):
+    _, search = scaled_matrix_and_search(tmp_path)
+    write_report(search, tmp_path)
+    page = _page_text(tmp_path)
+    assert "selection used the test set" in page
+    assert "importance needs at least 10 completed trials (this study has 8)" in page
+    assert not (tmp_path / "parameter_importance.png").exists()
+
+
+def test_small_validation_split_is_flagged(tmp_path):
+    study = designed_study()
+    study.set_user_attr("bench.val_images", 24)
+    write_report(study, tmp_path)
+    assert "one accuracy on 24 validation images is +-20.0 points" in _page_text(tmp_path)
+
+
+def test_history_axis_has_whole_trial_numbers():
+    from bench.report import plot_history
+
+    study = optuna.create_study(direction="maximize")
+    for acc in (0.5, 0.6, 0.55):
+        add_trial(study, test_acc=acc)
+    fig = plot_history(trials_frame(study, SPACE))
+    fig.canvas.draw()
+    ticks = [t for t in fig.axes[0].get_xticks() if fig.axes[0].get_xlim()[0] <= t <= fig.axes[0].get_xlim()[1]]
+    assert ticks and all(float(t).is_integer() for t in ticks)

@@ -33,7 +33,11 @@ def test_two_trial_study_end_to_end_then_resume(study_args, capsys):
     for key in (Attr.TEST_ACC, Attr.TRAIN_SECONDS, Attr.IMAGES_PER_SEC, Attr.PARAM_COUNT, Attr.DEVICE, Attr.SEED):
         assert key in attrs
     assert attrs[Attr.STOP_REASON] == "completed"
-    assert "0 finished trials; adding 2" in capsys.readouterr().out
+    assert attrs[Attr.TRAIN_IMAGES] == 27 and attrs[Attr.NUM_CLASSES] == 3
+    out = capsys.readouterr().out
+    assert "0 finished trials; adding 2" in out
+    assert "one accuracy on the 9 validation images is +-32.7 points" in out  # 36 images, val split 0.25
+    assert study.user_attrs["bench.val_images"] == 9 and study.user_attrs["bench.max_epochs"] == 1
 
     assert run(*args, "--trials", "3") == 0
     out = capsys.readouterr().out

@@ -6,7 +6,7 @@ import torch
 from bench.data import load_image_folder, make_splits
 from bench.models import build_model
 from bench.space import BASELINE, LOSSES, OPTIMIZERS, SCHEDULERS, TrainConfig
-from bench.train import Diverged, fit, resolve_precision
+from bench.train import Diverged, FitResult, build_optimizer, build_schedule, fit, inert_techniques, resolve_precision
 
 CPU = torch.device("cpu")
 
@@ -91,3 +91,65 @@ def test_precision_resolution():
     assert resolve_precision("fp32", CPU) is None
     assert resolve_precision("bf16", CPU) is torch.bfloat16
     assert resolve_precision("auto", CPU) in (None, torch.bfloat16)
+
+
+def test_early_stopping_value_test_and_weights_come_from_the_restored_epoch(splits):
+    cfg = ONE_EPOCH.replace(epochs=4, early_stopping=10, lr=3e-2)  # patience never runs out: all epochs run
+    result, model = train(splits, cfg, precision="fp32")
+    assert result.epochs_run == 4 and result.stop_reason == "completed"
+    best = result.val_acc.index(max(result.val_acc)) + 1
+    assert result.kept_epoch == best and result.kept_val_acc == max(result.val_acc)
+    from bench.augment import AugmentConfig, BatchAugment
+    from bench.train import evaluate
+
+    ds = splits.dataset
+    plain = BatchAugment(AugmentConfig(), ds.mean, ds.std, CPU)
+    assert evaluate(model, splits.val, plain, CPU, None) == pytest.approx(result.kept_val_acc)  # the restored weights
+
+
+def test_a_stopped_run_keeps_its_curves_and_cost(splits):
+    class Stop(Exception):
+        pass
+
+    def stop_at_two(epoch, loss, acc):
+        if epoch == 2:
+            raise Stop
+
+    partial = FitResult()
+    with pytest.raises(Stop):
+        train(splits, ONE_EPOCH.replace(epochs=5), on_epoch=stop_at_two, precision="fp32", result=partial)
+    assert partial.epochs_run == 2 and len(partial.val_acc) == 2 and partial.kept_val_acc == partial.val_acc[-1]
+    assert partial.train_seconds > 0 and partial.images_per_sec > 0
+
+
+def test_a_diverged_run_records_its_cost(splits):
+    partial = FitResult()
+    with pytest.raises(Diverged):
+        train(splits, ONE_EPOCH.replace(epochs=3, optimizer="sgd", lr=1e6, momentum=0.9), precision="fp32", result=partial)
+    assert partial.train_seconds > 0 and partial.images_per_sec > 0
+
+
+def test_onecycle_keeps_the_searched_momentum():
+    cfg = BASELINE.replace(optimizer="sgd", momentum=0.5, scheduler="onecycle", epochs=2)
+    model = torch.nn.Linear(2, 2)
+    optimizer = build_optimizer(cfg, model.parameters())
+    schedule = build_schedule(cfg, optimizer, steps_per_epoch=5)
+    lrs = []
+    for _ in range(10):
+        optimizer.step()
+        schedule.after_batch()
+        lrs.append(optimizer.param_groups[0]["lr"])
+        assert optimizer.param_groups[0]["momentum"] == 0.5
+    assert max(lrs) > lrs[-1]  # the lr still cycles
+
+
+@pytest.mark.parametrize("changes, inert", [
+    ({"scheduler": "step", "epochs": 1}, True), ({"scheduler": "step", "epochs": 2}, False),
+    ({"scheduler": "cosine", "epochs": 1}, True), ({"scheduler": "cosine", "epochs": 2}, False),
+    ({"scheduler": "plateau", "epochs": 3}, True), ({"scheduler": "plateau", "epochs": 4}, False),
+    ({"scheduler": "onecycle", "epochs": 1}, False),
+    ({"early_stopping": 3, "epochs": 4}, True), ({"early_stopping": 3, "epochs": 5}, False),
+    ({}, False),
+])
+def test_inert_techniques(changes, inert):
+    assert bool(inert_techniques(BASELINE.replace(**changes))) == inert

@@ -63,7 +63,7 @@ def postgres(session: nox.Session) -> None:
 def lint(session: nox.Session) -> None:
     """Check style and common bugs with ruff."""
     session.install("ruff>=0.5")
-    session.run("ruff", "check", "bench", "tests", "noxfile.py", *session.posargs)
+    session.run("ruff", "check", "bench", "tests", "scripts", "noxfile.py", *session.posargs)
 
 
 @nox.session(python="3.11")
@@ -76,6 +76,18 @@ def smoke(session: nox.Session) -> None:
     session.run("python", "-m", "bench.run", "--trials", "2", "--max-epochs", "1", "--dataset", f"{tmp}/tiny",
                 "--study-name", "smoke", "--storage", storage, "--cache-dir", f"{tmp}/cache", *session.posargs)
     session.run("python", "-m", "bench.report", "--study", "smoke", "--storage", storage, "--out", f"{tmp}/report")
+
+
+@nox.session(python="3.11", default=False)
+def layout(session: nox.Session) -> None:
+    """Check a report page fits 1400 px without horizontal scrolling in headless Chromium (posargs: the pages)."""
+    if not session.posargs:
+        session.error("name the report pages: nox -s layout -- reports/NAME/index.html")
+    if not any(shutil.which(b) for b in ("chromium", "chromium-browser", "google-chrome")):
+        session.run("apt-get", "update", "-q", external=True)
+        session.run("apt-get", "install", "-y", "-q", "chromium", external=True)
+    for page in session.posargs:
+        session.run("python", "scripts/layout_check.py", page)
 
 
 @nox.session(python="3.11", default=False)

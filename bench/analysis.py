@@ -215,7 +215,8 @@ def budget_note(claim: Claim, level: CellData, reference: CellData | None) -> st
     if level.epochs == b.epochs and ref_epochs == b.reference_epochs and images is not None \
             and images >= BUDGET_IMAGES_SHARE * b.train_images:
         return None
-    epochs = f"{level.epochs}" + (f" vs {ref_epochs}" if b.epochs != b.reference_epochs or ref_epochs != level.epochs else "")
+    paired = claim.measure == "difference" and (b.epochs != b.reference_epochs or ref_epochs != level.epochs)
+    epochs = f"{level.epochs}" + (f" vs {ref_epochs}" if paired else "")
     claimed = f"{b.epochs}" + (f" vs {b.reference_epochs}" if b.epochs != b.reference_epochs else "")
     shown = "unknown" if images is None else f"{images:,}"
     return (f"ran {epochs} epochs on {shown} train images; the claim is about {claimed} epochs on "

@@ -192,9 +192,10 @@ def plot_cumulative(path: pd.DataFrame) -> Figure | None:
 # --- HTML ---------------------------------------------------------------------------------
 
 CSS = """
-body{font-family:system-ui,sans-serif;margin:2rem auto;max-width:1100px;color:#222;padding:0 1rem}
+body{font-family:system-ui,sans-serif;margin:2rem auto;max-width:1300px;color:#222;padding:0 1rem}
 table{border-collapse:collapse;font-size:.85rem;margin:1rem 0;max-width:100%}
-td,th{border:1px solid #ccc;padding:.25rem .5rem;overflow-wrap:anywhere}
+td,th{border:1px solid #ccc;padding:.25rem .5rem;overflow-wrap:break-word}
+table.summary td{overflow-wrap:anywhere}
 .banner{background:#fff3cd;border:1px solid #e0c36a;padding:.5rem .75rem}
 th{background:#f3f3f3}img{max-width:100%;border:1px solid #eee;margin:.5rem 0}.muted{color:#777}
 .supported{background:#e3f6e3}.contradicted{background:#fbe3e3}.inconclusive{background:#fff7dc}
@@ -322,7 +323,7 @@ def summary_items(study: optuna.Study, trials: pd.DataFrame) -> list[tuple[str, 
         items.append(("best parameters", ", ".join(f"{k}={v}" for k, v in params.items())))
     base = baseline_interval(trials)
     if np.isfinite(base.mean):
-        items.append(("baseline test accuracy", ci_text(base.mean, base.low, base.high, base.n) + f" %, n={base.n}"))
+        items.append(("baseline test accuracy, % [95% CI]", ci_text(base.mean, base.low, base.high, base.n) + f", n={base.n}"))
     return items
 
 
@@ -337,7 +338,7 @@ def render_html(study: optuna.Study, trials: pd.DataFrame, matrix: pd.DataFrame,
     esc = html.escape
     parts = [f"<!doctype html><html><head><meta charset='utf-8'><title>bench report: {esc(study.study_name)}</title>"
              f"<style>{CSS}</style></head><body><h1>bench report: {esc(study.study_name)}</h1>"]
-    parts.append("<h2>Summary</h2><table>" + "".join(f"<tr><th>{esc(k)}</th><td>{esc(v)}</td></tr>"
+    parts.append("<h2>Summary</h2><table class='summary'>" + "".join(f"<tr><th>{esc(k)}</th><td>{esc(v)}</td></tr>"
                                                      for k, v in summary_items(study, trials)) + "</table>")
     parts.append("<h2>Improvement matrix</h2>")
     if (matrix["n"] > 0).any():

@@ -70,18 +70,6 @@ def test_early_stopping_stops_and_reports_it(splits):
     assert result.epochs_run == len(calls) < 30
 
 
-def test_epoch_callback_can_stop_training(splits):
-    class Stop(Exception):
-        pass
-
-    def stop_at_two(epoch, loss, acc):
-        if epoch == 2:
-            raise Stop
-
-    with pytest.raises(Stop):
-        train(splits, ONE_EPOCH.replace(epochs=5), on_epoch=stop_at_two, precision="fp32")
-
-
 def test_bf16_autocast_trains_on_cpu(splits):
     result, _ = train(splits, ONE_EPOCH, precision="bf16")
     assert 0 <= result.test_acc <= 1
@@ -107,7 +95,7 @@ def test_early_stopping_value_test_and_weights_come_from_the_restored_epoch(spli
     assert evaluate(model, splits.val, plain, CPU, None) == pytest.approx(result.kept_val_acc)  # the restored weights
 
 
-def test_a_stopped_run_keeps_its_curves_and_cost(splits):
+def test_epoch_callback_can_stop_training_and_the_run_keeps_its_curves_and_cost(splits):
     class Stop(Exception):
         pass
 

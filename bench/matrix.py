@@ -9,6 +9,7 @@ skip what is finished and the report reads the cells back from the trials.
 from __future__ import annotations
 
 import argparse
+import os
 import signal
 import sys
 from collections.abc import Sequence
@@ -139,6 +140,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.deterministic:  # cuBLAS reads it when CUDA starts
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
     if args.seeds < 1:
         raise UsageError(f"--seeds must be 1 or more, got {args.seeds}")
     if args.max_epochs < 1:
@@ -187,7 +190,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         code = run_cells(study, cells, space, objective=Objective(
             splits, space, TrialSettings(device=args.device, precision=args.precision, seed=args.seed,
-                                         progress=not args.quiet, compile_model=args.compile),
+                                         progress=not args.quiet, compile_model=args.compile,
+                                         deterministic=args.deterministic),
             on_model=CheckpointSink(open_store(artifact_dir(storage_url, args.study_name)), storage, args.keep_models,
                                     dataset)), gate=TrialGate(storage_url, args.study_name), fail_left_running=alone)
     finally:

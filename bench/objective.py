@@ -10,11 +10,12 @@ from dataclasses import dataclass
 
 import optuna
 import torch
+from optuna.trial import TrialState
 
 from bench.data import Splits
 from bench.models import build_model, count_parameters
 from bench.space import Param, TrainConfig, config_from_params, suggest
-from bench.train import Diverged, FitResult, fit, resolve_device
+from bench.train import Diverged, FitResult, Member, fit_pack, resolve_device
 
 
 class Attr:
@@ -34,6 +35,8 @@ class Attr:
     FAIL_REASON = "fail_reason"
     CELL = "cell"  # designed-experiment cell (bench.matrix)
     WORKER = "worker"  # host:pid of the process that ran the trial
+    PACK_SIZE = "pack_size"  # members trained together in this trial's pack (1: alone)
+    PACK_SLOT = "pack_slot"  # this trial's place in its pack
     KEPT_EPOCH = "kept_epoch"  # the epoch whose weights were kept (early stopping restores the best)
     TRAIN_IMAGES = "train_images"  # the budget: images per epoch
     NUM_CLASSES = "num_classes"  # chance accuracy is 1 / num_classes
@@ -47,6 +50,7 @@ class TrialSettings:
     grid_only: bool = False
     progress: bool = True
     compile_model: bool = False
+    deterministic: bool = False
 
 
 ModelSink = Callable[[optuna.Trial, torch.nn.Module, TrainConfig, float], None]
@@ -62,6 +66,26 @@ class Objective:
         self.device = resolve_device(settings.device)
 
     def __call__(self, trial: optuna.Trial) -> float:
+        """The solo trial (study.optimize): a pack of one."""
+        member = self.member(trial)
+        try:
+            self.train([member])
+        except torch.OutOfMemoryError as exc:
+            self.out_of_memory([member], exc)
+            self.conclude(trial, member)
+            raise
+        except KeyboardInterrupt:
+            self.conclude(trial, member)
+            raise
+        state, value = self.conclude(trial, member)
+        if state == TrialState.COMPLETE:
+            return value
+        if state == TrialState.PRUNED:
+            raise optuna.TrialPruned(str(member.error)) from None
+        raise member.error  # type: ignore[misc]
+
+    def member(self, trial: optuna.Trial, pack_size: int = 1, pack_slot: int = 0) -> Member:
+        """Suggest, then build the model exactly as a solo trial with this seed would (so packing changes nothing)."""
         params = suggest(trial, self.space, grid_only=self.settings.grid_only)
         cfg = config_from_params(params)
         seed = int(trial.user_attrs.get(Attr.SEED, self.settings.seed + trial.number))
@@ -70,50 +94,77 @@ class Objective:
         model = build_model(cfg, ds.channels, ds.image_size, len(ds.classes))
         for key, value in ((Attr.SEED, seed), (Attr.PARAM_COUNT, count_parameters(model)),
                            (Attr.DEVICE, str(self.device)), (Attr.WORKER, f"{socket.gethostname()}:{os.getpid()}"),
-                           (Attr.TRAIN_IMAGES, len(self.splits.train)), (Attr.NUM_CLASSES, len(ds.classes))):
+                           (Attr.TRAIN_IMAGES, len(self.splits.train)), (Attr.NUM_CLASSES, len(ds.classes)),
+                           (Attr.PACK_SIZE, pack_size), (Attr.PACK_SLOT, pack_slot)):
             trial.set_user_attr(key, value)
-        # The curves live here, not in the trial: a retried trial (heartbeat retry) inherits the dead
-        # attempt's user attributes, and appending to those would glue two runs together.
-        result = FitResult()
+        # The curves live in the member's result, not the trial: a retried trial (heartbeat retry) inherits the
+        # dead attempt's user attributes, and appending to those would glue two runs together.
+        member = Member(model, cfg, seed)
 
         def report_epoch(epoch: int, train_loss: float, val_acc: float) -> None:
-            trial.set_user_attr(Attr.LOSS_CURVE, list(result.train_loss))
-            trial.set_user_attr(Attr.VAL_CURVE, list(result.val_acc))
+            trial.set_user_attr(Attr.LOSS_CURVE, list(member.result.train_loss))
+            trial.set_user_attr(Attr.VAL_CURVE, list(member.result.val_acc))
             trial.report(val_acc, epoch)
             if trial.should_prune():
-                result.stop_reason = "pruned"
+                member.result.stop_reason = "pruned"
                 raise optuna.TrialPruned(f"pruned after epoch {epoch} at val_acc={val_acc:.4f}")
 
+        member.on_epoch = report_epoch
+        return member
+
+    def train(self, members: list[Member]) -> None:
+        """Train members as one pack. Interrupted: every member not yet finished is recorded as such, then re-raised;
+        out of memory is re-raised for the caller (a smaller pack, or `out_of_memory`)."""
         try:
-            fit(model, self.splits, cfg, device=self.device, precision=self.settings.precision, seed=seed,
-                on_epoch=report_epoch, progress=self.settings.progress, compile_model=self.settings.compile_model,
-                result=result)
-        except Diverged as exc:
-            self._record(trial, result, "diverged", str(exc))
-            raise optuna.TrialPruned(f"diverged: {exc}") from None
-        except torch.OutOfMemoryError as exc:
-            del model
+            fit_pack(members, self.splits, device=self.device, precision=self.settings.precision,
+                     progress=self.settings.progress, compile_model=self.settings.compile_model,
+                     deterministic=self.settings.deterministic)
+        except KeyboardInterrupt:
+            mark_interrupted(members)
+            raise
+        except torch.OutOfMemoryError:
             if torch.cuda.is_available():
                 torch.cuda.empty_cache()
-            self._record(trial, result, "failed", f"out of memory: {str(exc).splitlines()[0]}")
             raise
-        except optuna.TrialPruned:
-            self._record(trial, result, "pruned")
-            raise
-        except KeyboardInterrupt:
-            self._record(trial, result, "failed", "interrupted")
-            raise
-        except Exception as exc:
-            self._record(trial, result, "failed", f"{type(exc).__name__}: {exc}")
-            raise
+        except Exception as exc:  # the pack itself failed (not one member's callback): every unfinished member fails
+            for member in members:
+                if not finished(member):
+                    member.error = exc
 
+    def rebuild(self, member: Member) -> None:
+        """Start a member again from its initial weights (after its pack ran out of memory)."""
+        torch.manual_seed(member.seed)
+        ds = self.splits.dataset
+        member.model = build_model(member.cfg, ds.channels, ds.image_size, len(ds.classes))
+        member.result, member.error = FitResult(), None
+
+    def out_of_memory(self, members: list[Member], exc: BaseException) -> None:
+        for member in members:
+            if not finished(member):
+                member.error = _OutOfMemory(f"out of memory: {str(exc).splitlines()[0]}")
+
+    def conclude(self, trial: optuna.Trial, member: Member) -> tuple[TrialState, float | None]:
+        """Record what the member measured and cost; the state (and value) to tell Optuna."""
+        result, error = member.result, member.error
+        if isinstance(error, Diverged):
+            self._record(trial, result, "diverged", str(error))
+            return TrialState.PRUNED, None
+        if isinstance(error, optuna.TrialPruned):
+            self._record(trial, result, "pruned")
+            return TrialState.PRUNED, None
+        if error is not None:
+            reason = str(error) if isinstance(error, _Interrupted | _OutOfMemory) else f"{type(error).__name__}: {error}"
+            self._record(trial, result, "failed", reason)
+            return TrialState.FAIL, None
         self._record(trial, result, result.stop_reason)
         kept_val = result.kept_val_acc  # the restored epoch's: value, test accuracy and checkpoint agree
         if not math.isfinite(kept_val):
-            raise Diverged("validation accuracy is not finite")
+            member.error = Diverged("validation accuracy is not finite")
+            self._record(trial, result, "diverged", str(member.error))
+            return TrialState.PRUNED, None
         if self.on_model is not None:
-            self.on_model(trial, model, cfg, kept_val)
-        return kept_val
+            self.on_model(trial, member.model, member.cfg, kept_val)
+        return TrialState.COMPLETE, kept_val
 
     @staticmethod
     def _record(trial: optuna.Trial, result: FitResult, stop_reason: str, fail_reason: str | None = None) -> None:
@@ -130,3 +181,22 @@ class Objective:
             attrs[Attr.FAIL_REASON] = fail_reason
         for key, value in attrs.items():
             trial.set_user_attr(key, value)
+
+
+class _Interrupted(Exception):
+    """The run was stopped (Ctrl-C, SIGTERM) while this member trained."""
+
+
+class _OutOfMemory(Exception):
+    """The device ran out of memory even for a pack of one."""
+
+
+def finished(member: Member) -> bool:
+    """The member left the pack with its outcome (completed, or stopped by its own callback or divergence)."""
+    return member.error is not None or math.isfinite(member.result.test_acc)
+
+
+def mark_interrupted(members: list[Member]) -> None:
+    for member in members:
+        if not finished(member):
+            member.error = _Interrupted("interrupted")

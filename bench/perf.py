@@ -9,6 +9,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import sys
 import time
@@ -25,7 +26,7 @@ from bench.data import Dataset, _stratified_take, load_dataset, make_splits
 from bench.errors import UsageError, run_cli
 from bench.models import build_model
 from bench.space import BASELINE, TrainConfig
-from bench.train import PRECISIONS, fit, resolve_device
+from bench.train import PRECISIONS, Member, fit, fit_pack, resolve_device
 
 
 @dataclass(frozen=True)
@@ -99,6 +100,50 @@ def run_harness(dataset: Dataset, cfg: TrainConfig, *, seed: int, device: torch.
     wall = time.perf_counter() - started
     return PathResult("harness", seed, result.images_per_sec, result.eval_images_per_sec,
                       wall / cfg.epochs, wall, result.test_acc)
+
+
+@dataclass(frozen=True)
+class PackResult:
+    members: int
+    deterministic: bool
+    member_images_per_sec: float  # summed over the pack's members: training images per second of training time
+    wall_seconds: float
+    mean_test_acc: float
+
+
+def run_pack(dataset: Dataset, cfg: TrainConfig, members: int, *, device: torch.device, precision: str,
+             train_subset: int | None, progress: bool, deterministic: bool = False) -> PackResult:
+    """K baseline trials (seeds 0..K-1) trained as one pack; K=1 is the solo trial."""
+    splits = make_splits(dataset, val_split=0, train_subset=train_subset, seed=0)
+    pack = []
+    for seed in range(members):
+        torch.manual_seed(seed)
+        pack.append(Member(build_model(cfg, dataset.channels, dataset.image_size, len(dataset.classes)), cfg, seed))
+    started = time.perf_counter()
+    fit_pack(pack, splits, device=device, precision=precision, progress=progress, log=lambda _: None,
+             deterministic=deterministic)
+    wall = time.perf_counter() - started
+    return PackResult(members, deterministic, sum(m.result.images_per_sec for m in pack), wall,
+                      statistics.fmean(m.result.test_acc for m in pack))
+
+
+def pack_lines(results: list[PackResult]) -> list[str]:
+    base = next((r for r in results if r.members == 1 and not r.deterministic), results[0])
+    lines = [f"{'pack K':>6} {'determ.':>7} {'member img/s':>13} {'vs K=1':>7} {'wall s':>7} {'mean test acc':>13}"]
+    for r in results:
+        lines.append(f"{r.members:>6} {'yes' if r.deterministic else 'no':>7} {r.member_images_per_sec:>13,.0f} "
+                     f"{r.member_images_per_sec / base.member_images_per_sec:>6.2f}x {r.wall_seconds:>7.1f} {r.mean_test_acc:>13.4f}")
+    fast = [r for r in results if not r.deterministic]
+    best = max(fast, key=lambda r: r.member_images_per_sec)
+    lines.append(f"best K={best.members}: {best.member_images_per_sec:,.0f} member-images/s, "
+                 f"{best.member_images_per_sec / base.member_images_per_sec:.2f}x the solo trial")
+    for r in results:
+        if r.deterministic:
+            twin = next((f for f in fast if f.members == r.members), None)
+            if twin is not None:
+                lines.append(f"--deterministic at K={r.members} runs at {r.member_images_per_sec / twin.member_images_per_sec:.2f}x "
+                             "the speed of the default (cuDNN autotuned)")
+    return lines
 
 
 def welch(a: Sequence[float], b: Sequence[float]) -> tuple[float, float]:
@@ -190,6 +235,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--paths", default="classic,harness", help="which paths to run (default: classic,harness)")
     parser.add_argument("--augment", action="store_true",
                         help="only time the augmentation stack: bench.augment vs kornia (if installed) vs per-image v2")
+    parser.add_argument("--pack", default=None,
+                        help="also train packs of these sizes (e.g. 1,8,32,64) and print member-images/s for each")
+    parser.add_argument("--deterministic", action="store_true",
+                        help="with --pack: time each pack again with deterministic CUDA algorithms, and print the cost")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
     return parser
 
@@ -204,7 +253,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         raise UsageError(f"--dataset {root} has no train/ folder; bench.perf compares pipelines on an ImageFolder tree")
     if args.epochs < 1 or args.seeds < 1:
         raise UsageError("--epochs and --seeds must be 1 or more")
-    paths = args.paths.split(",")
+    paths = [p for p in args.paths.split(",") if p]
+    try:
+        sizes = [int(k) for k in args.pack.split(",")] if args.pack else []
+    except ValueError:
+        raise UsageError(f"--pack takes sizes like 1,8,32,64, got {args.pack!r}") from None
+    if any(k < 1 for k in sizes):
+        raise UsageError(f"--pack sizes must be 1 or more, got {args.pack}")
+    if args.deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
     device = resolve_device(args.device)
     t0 = time.perf_counter()
     dataset = load_dataset(str(root), cache_dir=args.cache_dir)
@@ -225,6 +282,16 @@ def main(argv: Sequence[str] | None = None) -> int:
                   f"{r.trial_seconds:.1f}s", flush=True)
     if set(paths) >= {"classic", "harness"}:
         print("\n".join(summarize(results)))
+    if args.pack:
+        packs = []
+        for k in sizes:
+            for deterministic in (False, True) if args.deterministic else (False,):
+                r = run_pack(dataset, cfg, k, device=device, precision=args.precision, train_subset=args.train_subset,
+                             progress=not args.quiet, deterministic=deterministic)
+                packs.append(r)
+                print(f"pack K={k}{' deterministic' if deterministic else ''}: {r.member_images_per_sec:,.0f} "
+                      f"member-images/s, {r.wall_seconds:.1f}s", flush=True)
+        print("\n".join(pack_lines(packs)))
     return 0
 
 

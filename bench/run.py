@@ -33,12 +33,33 @@ from bench.study import (
     fail_orphans,
     open_storage,
     open_study,
+    run_packs,
     run_trials,
     space_signature,
 )
 from bench.train import PRECISIONS, resolve_device
 
 INTERRUPTED_EXIT = 130
+# --pack auto on CUDA. The H100 prototype of this packing trained 39k member-images/s at K=1, 250k at 8,
+# 474k at 32 and 498k at 64: 32 is within 5% of the best and fills its packs from fewer trials. On CPU packing
+# is no faster (bench.perf --pack 1,4 on the 2-core EPYC: see the README), so auto is 1 there.
+AUTO_PACK_CUDA = 32
+
+
+def pack_size(text: str) -> int | str:
+    if text == "auto":
+        return text
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a whole number or auto, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be 1 or more, got {value}")
+    return value
+
+
+def resolve_pack(pack: int | str, device: torch.device) -> int:
+    return (AUTO_PACK_CUDA if device.type == "cuda" else 1) if pack == "auto" else int(pack)
 
 
 def positive_int(text: str) -> int:
@@ -67,6 +88,9 @@ def add_data_args(parser: argparse.ArgumentParser) -> None:
                    help="autocast dtype; auto = bf16 on CUDA and on CPUs with bf16 support, else fp32 (default: auto)")
     g.add_argument("--seed", type=int, default=0, help="seed for splits, sampler and trial seeds (default: 0)")
     g.add_argument("--compile", action="store_true", help="torch.compile each model (compiled once per trial; off by default)")
+    g.add_argument("--deterministic", action="store_true",
+                   help="deterministic CUDA algorithms: two runs of one seed agree exactly (CPU runs always do); "
+                        "bench.perf --deterministic prints what it costs")
 
 
 def load_data_args(args: argparse.Namespace) -> tuple[Dataset, Splits]:
@@ -123,6 +147,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "(default: best)")
     g.add_argument("--artifacts", default=None, help="artifact directory (default: studies/<study-name>-artifacts)")
     g.add_argument("--quiet", action="store_true", help="no per-epoch progress bars")
+    g.add_argument("--pack", type=pack_size, default="auto",
+                   help=f"trials trained at once as one packed network: K, or auto ({AUTO_PACK_CUDA} on CUDA, 1 on CPU) "
+                        "(default: auto)")
     g = parser.add_argument_group("parallel runs")
     g.add_argument("--workers", type=int, default=1,
                    help="worker processes on this machine sharing the study (default: 1); with more than one, the "
@@ -152,6 +179,8 @@ def trial_line(trial: FrozenTrial) -> str:
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
+    if args.deterministic:  # cuBLAS reads it when CUDA starts; children (workers) inherit it
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
     if args.trials < 1:
         raise UsageError(f"--trials must be 1 or more, got {args.trials}")
     if args.workers < 1:
@@ -200,21 +229,36 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.workers > 1:
             return spawn_workers(argv, args, storage_url, study)
     settings = TrialSettings(device=args.device, precision=args.precision, seed=args.seed,
-                             grid_only=args.sampler == "grid", progress=not args.quiet, compile_model=args.compile)
+                             grid_only=args.sampler == "grid", progress=not args.quiet, compile_model=args.compile,
+                             deterministic=args.deterministic)
     store = open_store(Path(args.artifacts) if args.artifacts else artifact_dir(storage_url, args.study_name))
     objective = Objective(splits, space, settings, on_model=CheckpointSink(store, storage, args.keep_models, dataset))
     guard = FailureGuard()
     prefix = "" if args.worker_id is None else f"[worker {args.worker_id}] "
     signal.signal(signal.SIGTERM, raise_interrupt)
+    pack = resolve_pack(args.pack, objective.device)
+    callbacks = [guard, lambda s, t: print(prefix + trial_line(t), flush=True)]
+    gate = TrialGate(storage_url, args.study_name)
+    stats = None
     try:
-        run_trials(study, objective, args.trials, gate=TrialGate(storage_url, args.study_name), timeout=args.timeout,
-                   callbacks=[guard, lambda s, t: print(prefix + trial_line(t), flush=True)], guard=guard)
+        if pack == 1:
+            run_trials(study, objective, args.trials, gate=gate, timeout=args.timeout, callbacks=callbacks, guard=guard)
+        else:
+            print(f"{prefix}training up to {pack} trials at once as one packed network"
+                  + (" (pack-aware sampling: a pack's trials share its first trial's shape parameters)"
+                     if args.sampler != "grid" else ""), flush=True)
+            stats = run_packs(study, objective, args.trials, pack=pack, gate=gate, timeout=args.timeout,
+                              callbacks=callbacks, guard=guard, pack_aware=args.sampler != "grid",
+                              say=lambda line: print(prefix + line, flush=True))
     except KeyboardInterrupt:
         print(f"{prefix}interrupted: the running trial is recorded as failed (interrupted); rerun the same "
               "command to resume", file=sys.stderr)
         if args.worker_id is None:
             print_summary(study)
         return INTERRUPTED_EXIT
+    if stats is not None and stats.members:
+        print(f"{prefix}mean pack occupancy: {stats.occupancy:.0%} ({sum(stats.members)} trials in {len(stats.members)} "
+              f"packs, up to {pack} each)", flush=True)
     if args.worker_id is None:
         print_summary(study)
     if guard.tripped:

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
+import gc
 import hashlib
 import json
 import os
@@ -13,16 +16,22 @@ from pathlib import Path
 from typing import Any
 
 import optuna
+import torch
 from optuna.exceptions import ExperimentalWarning
+from optuna.storages._heartbeat import get_heartbeat_thread  # ask/tell trials need their own heartbeats
 from optuna.trial import FrozenTrial, TrialState
 
 import bench
 from bench.errors import UsageError, redact
 from bench.locks import TrialGate, storage_file
-from bench.objective import Attr
+from bench.objective import Attr, Objective, finished, mark_interrupted
+from bench.packed import SHAPE_FIELDS, shape_signature
 from bench.space import Param, grid_search_space
+from bench.train import Member
 
 warnings.filterwarnings("ignore", category=ExperimentalWarning)  # heartbeats, TPE groups: used on purpose
+# run_packs asks trials itself and runs a heartbeat thread for each (get_heartbeat_thread), as optimize does
+warnings.filterwarnings("ignore", message="Heartbeat of storage is supposed to be used with Study.optimize")
 
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
 STUDIES_DIR = Path("studies")
@@ -33,8 +42,10 @@ MAX_CONSECUTIVE_FAILURES = 3
 
 
 def _tpe(seed: int, space: tuple[Param, ...]) -> optuna.samplers.BaseSampler:
-    # multivariate + group: conditional parameters are modelled jointly with their parents
-    return optuna.samplers.TPESampler(seed=seed, multivariate=True, group=True, n_startup_trials=10)
+    # multivariate + group: conditional parameters are modelled jointly with their parents; constant_liar:
+    # trials asked while others run (a pack, other workers) see those as bad results, so a pack is not K
+    # copies of one guess
+    return optuna.samplers.TPESampler(seed=seed, multivariate=True, group=True, n_startup_trials=10, constant_liar=True)
 
 
 def _grid(seed: int, space: tuple[Param, ...]) -> optuna.samplers.BaseSampler:
@@ -194,7 +205,8 @@ class FailureGuard:
         self.failures = self.failures + 1 if trial.state == TrialState.FAIL else 0
         if self.failures >= self.limit:
             self.tripped = True
-            study.stop()
+            with contextlib.suppress(RuntimeError):  # outside study.optimize (run_packs) the runner checks `tripped`
+                study.stop()
 
 
 def fail_orphans(study: optuna.Study, reason: str) -> list[int]:
@@ -240,3 +252,112 @@ def run_trials(study: optuna.Study, objective: Callable[[optuna.Trial], float], 
             gate.release()
         if guard is not None and guard.tripped:
             return
+
+
+# --- packs: many trials trained at once --------------------------------------------------
+
+
+@dataclass
+class PackStats:
+    """What the pack runner did: members per pack against the slots it asked for."""
+
+    members: list[int] = dataclasses.field(default_factory=list)
+    slots: list[int] = dataclasses.field(default_factory=list)
+
+    @property
+    def occupancy(self) -> float:
+        return sum(self.members) / max(1, sum(self.slots))
+
+
+def ask_pack(study: optuna.Study, objective: Objective, size: int, *, pack_aware: bool) -> list[tuple[optuna.Trial, Member]]:
+    """Ask `size` trials for one pack. The first samples everything; with `pack_aware`, each next one is asked
+    with the first's shape parameters fixed (an enqueued partial trial, which Optuna completes by sampling the
+    rest), so the pack fills with one shape signature. Trials already waiting (the baseline, retries) come first."""
+    first = study.ask()
+    asked = [(first, objective.member(first))]
+    shape = {name: getattr(asked[0][1].cfg, name) for name in SHAPE_FIELDS}
+    while len(asked) < size:
+        if pack_aware and not study.get_trials(deepcopy=False, states=(TrialState.WAITING,)):
+            study.enqueue_trial(shape, skip_if_exists=False)
+        trial = study.ask()
+        asked.append((trial, objective.member(trial)))
+    return asked
+
+
+def _train_group(objective: Objective, group: list[tuple[optuna.Trial, Member]], say: Callable[[str], None]) -> int:
+    """Train one pack; on out of memory halve it and retry the members that had not finished. Returns the size
+    that fit (the runner asks smaller packs from then on)."""
+    members = [m for _, m in group]
+    try:
+        objective.train(members)
+        return len(group)
+    except torch.OutOfMemoryError as exc:
+        if len(group) == 1:
+            objective.out_of_memory(members, exc)
+            return 1
+        half = len(group) // 2
+        say(f"out of memory with a pack of {len(group)}: halving it to {half} and retrying its unfinished members")
+        retry = [(t, m) for t, m in group if not finished(m)]
+        for i, (trial, member) in enumerate(retry):
+            objective.rebuild(member)
+            trial.set_user_attr(Attr.PACK_SIZE, half)
+            trial.set_user_attr(Attr.PACK_SLOT, i % half)
+        sizes = [_train_group(objective, retry[i:i + half], say) for i in range(0, len(retry), half)]
+        return min(sizes, default=half)
+
+
+def run_packs(study: optuna.Study, objective: Objective, target: int, *, pack: int, gate: TrialGate,
+              timeout: float | None = None, callbacks: Iterable[Callable[[optuna.Study, FrozenTrial], None]] = (),
+              guard: FailureGuard | None = None, pack_aware: bool = True,
+              say: Callable[[str], None] = print) -> PackStats:
+    """Like run_trials, but K trials at a time: ask under the gate (the exact budget holds across workers), group
+    by shape signature, train each group as one pack, tell every trial. Interrupted: every trial is told."""
+    deadline = None if timeout is None else time.monotonic() + timeout
+    stats = PackStats()
+    callbacks = list(callbacks)
+    while deadline is None or time.monotonic() < deadline:
+        with gate:
+            optuna.storages.fail_stale_trials(study)
+            busy = len(study.get_trials(deepcopy=False, states=(*FINISHED, TrialState.RUNNING)))
+            size = min(pack, target - busy)
+            if size <= 0:
+                return stats
+            asked = ask_pack(study, objective, size, pack_aware=pack_aware)
+        groups: dict[tuple, list[tuple[optuna.Trial, Member]]] = {}
+        for trial, member in asked:
+            groups.setdefault(shape_signature(member.cfg), []).append((trial, member))
+        told: set[int] = set()
+        try:
+            with contextlib.ExitStack() as beats:  # ask/tell runs no heartbeat of its own: one per member
+                for trial, _ in asked:
+                    beats.enter_context(get_heartbeat_thread(trial._trial_id, study._storage))
+                for group in groups.values():
+                    for slot, (trial, _) in enumerate(group):
+                        trial.set_user_attr(Attr.PACK_SIZE, len(group))
+                        trial.set_user_attr(Attr.PACK_SLOT, slot)
+                    stats.members.append(len(group))
+                    stats.slots.append(size)
+                    pack = min(pack, _train_group(objective, group, say))
+                    _tell(study, objective, group, callbacks, told)
+        except KeyboardInterrupt:
+            for group in groups.values():
+                mark_interrupted([m for _, m in group])
+                _tell(study, objective, group, callbacks, told)
+            raise
+        finally:
+            gc.collect()
+        if guard is not None and guard.tripped:
+            return stats
+    return stats
+
+
+def _tell(study: optuna.Study, objective: Objective, group: list[tuple[optuna.Trial, Member]],
+          callbacks: list[Callable[[optuna.Study, FrozenTrial], None]], told: set[int]) -> None:
+    for trial, member in group:
+        if trial.number in told:
+            continue
+        state, value = objective.conclude(trial, member)
+        frozen = study.tell(trial, value if state == TrialState.COMPLETE else None, state=state, skip_if_finished=True)
+        told.add(trial.number)
+        for callback in callbacks:
+            callback(study, frozen)

@@ -1,7 +1,10 @@
 """The training loop. It knows nothing of Optuna: pruning reaches it through `on_epoch`.
 
-Data stays as uint8 tensors on the training device; each batch is indexed, augmented
-and normalised there (bench.augment), so an epoch does no per-image Python work.
+One loop trains a pack of K same-shape trials as one packed network (bench.packed); a solo
+trial is a pack of one. Data stays as uint8 tensors on the training device; each member's
+batch is indexed, augmented and normalised there (bench.augment) with the member's own batch
+order and random streams, so a member's result depends only on its config and seed, never on
+which trials share its pack.
 """
 
 from __future__ import annotations
@@ -10,7 +13,7 @@ import contextlib
 import copy
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -21,9 +24,14 @@ from tqdm.auto import tqdm
 from bench.augment import AugmentConfig, BatchAugment
 from bench.data import Split, Splits
 from bench.errors import UsageError
+from bench.models import ConvNet
+from bench.packed import compact, pack_models, shape_signature, unpack_member
+from bench.packed_optim import PackedOptimizer, clip_grad_norm_per_member
 from bench.space import TrainConfig
 
 EVAL_BATCH = 1024
+DROPOUT_STREAM = 7_919  # a member's dropout masks come from seed + this: a stream of its own
+CHECK_EVERY = 20  # batches between loss reads: reading syncs the GPU
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 
 
@@ -62,56 +70,70 @@ def resolve_precision(precision: str, device: torch.device) -> torch.dtype | Non
     return {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
 
 
+def configure_determinism(device: torch.device, deterministic: bool) -> None:
+    """cuDNN autotuning (fast) or deterministic algorithms (two runs of one seed agree bit for bit on CUDA).
+    A CPU run is deterministic either way. CUBLAS_WORKSPACE_CONFIG must be set before CUDA starts (bench.run does)."""
+    if device.type != "cuda":
+        return
+    torch.backends.cudnn.benchmark = not deterministic
+    torch.backends.cudnn.deterministic = deterministic
+    torch.use_deterministic_algorithms(deterministic, warn_only=True)
+
+
 def autocast(device: torch.device, dtype: torch.dtype | None) -> contextlib.AbstractContextManager:
     if dtype is None:
         return contextlib.nullcontext()
     return torch.autocast(device.type, dtype=dtype)
 
 
-# --- factories ---------------------------------------------------------------------------
+# --- losses -----------------------------------------------------------------------------
 
 
-class FocalLoss(nn.Module):
-    """Lin et al. 2017: cross-entropy down-weighted by (1 - p_true)^gamma."""
-
-    def __init__(self, gamma: float):
-        super().__init__()
-        self.gamma = gamma
-
-    def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        log_p = F.log_softmax(logits, 1).gather(1, target[:, None]).squeeze(1)
-        return (-(1 - log_p.exp()).pow(self.gamma) * log_p).mean()
-
-
-class SoftmaxMSELoss(nn.Module):
-    """MSE between softmax probabilities and one-hot targets (the assignment's 'MSE' level)."""
-
-    def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        one_hot = F.one_hot(target, logits.shape[1]).to(logits.dtype)
-        return F.mse_loss(logits.softmax(1), one_hot)
+def _loss(kind: str, logits: torch.Tensor, target: torch.Tensor, smoothing: torch.Tensor, gamma: torch.Tensor) -> torch.Tensor:
+    """Per-member mean loss over [k, B, classes] logits: one formula per kind, member values as [k] tensors."""
+    log_p = F.log_softmax(logits, -1)
+    one_hot = F.one_hot(target, logits.shape[-1]).to(logits.dtype)
+    true = (log_p * one_hot).sum(-1)  # [k, B]; not gather, whose backward (scatter-add) is nondeterministic on CUDA
+    if kind == "ce":  # torch's label smoothing: (1 - e) * nll + e * mean over classes of -log p
+        eps = smoothing[:, None]
+        return ((1 - eps) * -true + eps * -log_p.mean(-1)).mean(-1)
+    if kind == "focal":  # Lin et al. 2017: cross-entropy down-weighted by (1 - p_true)^gamma
+        return (-(1 - true.exp()).pow(gamma[:, None]) * true).mean(-1)
+    if kind == "mse":  # MSE between softmax probabilities and one-hot targets (the assignment's 'MSE' level)
+        return (log_p.exp() - one_hot).square().mean(dim=(-1, -2))
+    raise ValueError(f"unknown loss {kind!r}")
 
 
-def build_loss(cfg: TrainConfig) -> nn.Module:
-    if cfg.loss == "ce":
-        return nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
-    if cfg.loss == "focal":
-        return FocalLoss(cfg.focal_gamma)
-    if cfg.loss == "mse":
-        return SoftmaxMSELoss()
-    raise ValueError(f"unknown loss {cfg.loss!r}")
+class PackLoss:
+    """Each member's own loss; summing them gives every member exactly its own gradient."""
+
+    def __init__(self, configs: Sequence[TrainConfig], device: torch.device):
+        for cfg in configs:
+            if cfg.loss not in ("ce", "focal", "mse"):
+                raise ValueError(f"unknown loss {cfg.loss!r}")
+        kinds = [c.loss for c in configs]
+        self.groups = {kind: torch.tensor([i for i, x in enumerate(kinds) if x == kind], device=device)
+                       for kind in dict.fromkeys(kinds)}
+        self.smoothing = torch.tensor([c.label_smoothing for c in configs], device=device)
+        self.gamma = torch.tensor([c.focal_gamma for c in configs], device=device)
+        smoothing = {c.label_smoothing for c in configs}
+        self.fused_smoothing = smoothing.pop() if kinds == ["ce"] * len(kinds) and len(smoothing) == 1 else None
+
+    def __call__(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        if self.fused_smoothing is not None:  # all cross-entropy, one smoothing (a pack of one always): torch's fused loss
+            k, b, c = logits.shape
+            per_sample = F.cross_entropy(logits.reshape(k * b, c), target.reshape(-1), reduction="none",
+                                         label_smoothing=self.fused_smoothing)
+            return per_sample.view(k, b).mean(1)
+        if len(self.groups) == 1:  # one kind: no gather
+            return _loss(next(iter(self.groups)), logits, target, self.smoothing, self.gamma)
+        losses = logits.new_zeros(logits.shape[0])
+        for kind, idx in self.groups.items():  # each member only through its own kind: no NaN from the others
+            losses = losses.index_put((idx,), _loss(kind, logits[idx], target[idx], self.smoothing[idx], self.gamma[idx]))
+        return losses
 
 
-def build_optimizer(cfg: TrainConfig, params) -> torch.optim.Optimizer:
-    if cfg.optimizer == "adam":
-        return torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    if cfg.optimizer == "adamw":
-        return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    if cfg.optimizer == "sgd":
-        return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov and cfg.momentum > 0,
-                               weight_decay=cfg.weight_decay)
-    if cfg.optimizer == "rmsprop":
-        return torch.optim.RMSprop(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
-    raise ValueError(f"unknown optimizer {cfg.optimizer!r}")
+# --- learning-rate schedules ----------------------------------------------------------------
 
 
 @dataclass
@@ -166,20 +188,32 @@ def inert_techniques(cfg: TrainConfig) -> list[str]:
     return reasons
 
 
+def member_schedule(cfg: TrainConfig, steps_per_epoch: int) -> tuple[torch.optim.Optimizer, Schedule]:
+    """torch's own scheduler for one member, driving a stand-in optimizer whose lr the pack copies each step."""
+    stand_in = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=cfg.lr, momentum=cfg.momentum)
+    schedule = build_schedule(cfg, stand_in, steps_per_epoch)
+    stand_in.step()  # no gradient, no change; torch warns when a scheduler steps before its optimizer did
+    return stand_in, schedule
+
+
 # --- evaluation and training --------------------------------------------------------------
 
 
 @torch.inference_mode()
 def evaluate(model: nn.Module, split: Split, augment: BatchAugment, device: torch.device,
-             dtype: torch.dtype | None) -> float:
+             dtype: torch.dtype | None, members: int = 1) -> list[float]:
+    """Accuracy of each member (a packed model; a solo ConvNet is one member) on `split`."""
     model.eval()
-    correct = torch.zeros((), dtype=torch.int64, device=device)
-    for start in range(0, len(split), EVAL_BATCH):
-        x = augment.normalize(split.images[start:start + EVAL_BATCH].to(device, non_blocking=True))
+    correct = torch.zeros(members, dtype=torch.int64, device=device)
+    batch = max(64, EVAL_BATCH // members)  # the packed activations grow with K
+    for start in range(0, len(split), batch):
+        x = augment.normalize(split.images[start:start + batch].to(device, non_blocking=True))
+        x = x.repeat(1, members, 1, 1) if members > 1 else x
         with autocast(device, dtype):
             logits = model(x.contiguous(memory_format=torch.channels_last))
-        correct += (logits.argmax(1) == split.labels[start:start + EVAL_BATCH].to(device)).sum()
-    return correct.item() / max(1, len(split))
+        logits = logits.view(members, -1, logits.shape[-1])
+        correct += (logits.argmax(-1) == split.labels[start:start + batch].to(device)).sum(1)
+    return (correct.double() / max(1, len(split))).tolist()
 
 
 @dataclass
@@ -205,6 +239,41 @@ class FitResult:
 EpochCallback = Callable[[int, float, float], None]
 
 
+@dataclass
+class Member:
+    """One trial in a pack. `model` is built and seeded by the caller exactly as a solo trial's, and holds the
+    trained weights (the kept epoch's) when the member leaves; `error` says why it left early, if it did."""
+
+    model: ConvNet
+    cfg: TrainConfig
+    seed: int
+    on_epoch: EpochCallback | None = None
+    result: FitResult = field(default_factory=FitResult)
+    error: Exception | None = None
+
+
+@dataclass
+class _Slot:
+    """What the loop keeps for one member while it trains."""
+
+    member: Member
+    augment: BatchAugment
+    gen: torch.Generator  # augmentation draws
+    order_gen: torch.Generator  # batch order, identical on every device
+    dropout_gen: torch.Generator
+    stand_in: torch.optim.Optimizer
+    schedule: Schedule
+    started: float
+    best_acc: float = -1.0
+    best_epoch: int = 0
+    best_state: dict | None = None
+    stale: int = 0
+    images: int = 0
+    train_time: float = 0.0
+    eval_images: int = 0
+    eval_time: float = 0.0
+
+
 def _place(split: Split, device: torch.device, log: Callable[[str], None]) -> Split:
     """The whole split on the device, unless it would not fit (then it moves per batch)."""
     if device.type != "cuda":
@@ -219,112 +288,223 @@ def _place(split: Split, device: torch.device, log: Callable[[str], None]) -> Sp
 def fit(model: nn.Module, splits: Splits, cfg: TrainConfig, *, device: torch.device, precision: str = "auto",
         seed: int = 0, on_epoch: EpochCallback | None = None, progress: bool = True,
         log: Callable[[str], None] = tqdm.write, compile_model: bool = False,
-        result: FitResult | None = None) -> FitResult:
-    """Train `model` on `splits.train` for `cfg.epochs`, validating after every epoch, then test once.
+        result: FitResult | None = None, deterministic: bool = False) -> FitResult:
+    """Train one trial (a pack of one): `cfg.epochs` epochs, validating after each, then test once.
 
-    `on_epoch(epoch, train_loss, val_acc)` may raise to stop (that is how pruning works).
-    Raises Diverged when the loss stops being finite. `result`, when given, is filled in place.
+    `on_epoch(epoch, train_loss, val_acc)` may raise to stop (that is how pruning works); that exception, or
+    Diverged when the loss stops being finite, is raised here. `result`, when given, is filled in place, so a
+    caller still holds the curves and cost of a run that stopped by an exception. `model` ends with the
+    trained weights (the restored epoch's under early stopping).
     """
-    result = FitResult() if result is None else result
+    member = Member(model, cfg, seed, on_epoch, result if result is not None else FitResult())
+    fit_pack([member], splits, device=device, precision=precision, progress=progress, log=log,
+             compile_model=compile_model, deterministic=deterministic)
+    if member.error is not None:
+        raise member.error
+    return member.result
+
+
+def fit_pack(members: Sequence[Member], splits: Splits, *, device: torch.device, precision: str = "auto",
+             progress: bool = True, log: Callable[[str], None] = tqdm.write, compile_model: bool = False,
+             deterministic: bool = False) -> None:
+    """Train `members` (one shape signature) together; each leaves when it finishes, stops early, diverges or
+    its callback raises (recorded in `member.error`); the others go on unchanged. Every member's result is
+    filled in place, also when KeyboardInterrupt or out-of-memory ends the whole pack (re-raised)."""
+    if len({shape_signature(m.cfg) for m in members}) != 1:
+        raise ValueError("a pack's members must share one shape signature (bench.packed.SHAPE_FIELDS)")
     started = time.perf_counter()
-    timing: dict[str, float] = {"train": 0.0, "images": 0, "epoch_start": math.nan}
-    try:
-        return _fit(model, splits, cfg, device=device, precision=precision, seed=seed, on_epoch=on_epoch,
-                    progress=progress, log=log, compile_model=compile_model, result=result, timing=timing)
-    finally:  # also on pruning, divergence and interruption: the cost of a stopped run is recorded too
-        now = time.perf_counter()
-        if math.isfinite(timing["epoch_start"]):  # stopped inside an epoch: its batches so far count
-            timing["train"] += now - timing["epoch_start"]
-        result.train_seconds = now - started
-        result.images_per_sec = timing["images"] / max(timing["train"], 1e-9)
-
-
-def _fit(model: nn.Module, splits: Splits, cfg: TrainConfig, *, device: torch.device, precision: str,
-         seed: int, on_epoch: EpochCallback | None, progress: bool, log: Callable[[str], None], compile_model: bool,
-         result: FitResult, timing: dict[str, float]) -> FitResult:
     dtype = resolve_precision(precision, device)
-    if device.type == "cuda":
-        torch.backends.cudnn.benchmark = True
-    model = model.to(device, memory_format=torch.channels_last)
-    net = torch.compile(model) if compile_model else model  # shares the parameters; `model` stays saveable
+    configure_determinism(device, deterministic)
     train, val = _place(splits.train, device, log), _place(splits.val, device, log)
     test = val if splits.val_is_test else _place(splits.test, device, log)
     dataset = splits.dataset
-    augment = BatchAugment(AugmentConfig.from_train_config(cfg, dataset.crop_padding), dataset.mean, dataset.std, device)
-    plain = BatchAugment(AugmentConfig(), dataset.mean, dataset.std, device)
-    loss_fn = build_loss(cfg)
-    optimizer = build_optimizer(cfg, model.parameters())
     n = len(train)
-    batches = [(s, min(s + cfg.batch_size, n)) for s in range(0, n, cfg.batch_size)]
+    batch_size = members[0].cfg.batch_size
+    batches = [(s, min(s + batch_size, n)) for s in range(0, n, batch_size)]
     if len(batches) > 1 and batches[-1][1] - batches[-1][0] == 1:
         batches.pop()  # a batch of one breaks BatchNorm; drop that single sample this epoch
-    schedule = build_schedule(cfg, optimizer, len(batches))
+    plain = BatchAugment(AugmentConfig(), dataset.mean, dataset.std, device)
+    slots = []
+    for m in members:
+        stand_in, schedule = member_schedule(m.cfg, len(batches))
+        slots.append(_Slot(
+            m, BatchAugment(AugmentConfig.from_train_config(m.cfg, dataset.crop_padding), dataset.mean, dataset.std, device),
+            torch.Generator(device=device).manual_seed(m.seed), torch.Generator().manual_seed(m.seed),
+            torch.Generator(device=device).manual_seed(m.seed + DROPOUT_STREAM), stand_in, schedule, started))
+    packed = pack_models([m.model for m in members], [m.cfg for m in members]).to(device, memory_format=torch.channels_last)
+    packed.set_dropout_generators([s.dropout_gen for s in slots])
+    optimizer = PackedOptimizer(packed.parameters(), [m.cfg for m in members], device)
     scaler = torch.amp.GradScaler("cuda", enabled=dtype == torch.float16 and device.type == "cuda")
-    gen = torch.Generator(device=device).manual_seed(seed)  # augmentation draws
-    order_gen = torch.Generator().manual_seed(seed)  # batch order, identical on every device
-    best_acc, best_epoch, best_state, stale = -1.0, 0, None, 0
-    eval_time = 0.0
-    eval_images = 0
+    state = _PackState(slots, packed, optimizer, device, compile_model)
+    epoch_start = math.nan
+    try:
+        for epoch in range(1, max(m.cfg.epochs for m in members) + 1):
+            if not state.slots:
+                break
+            packed.train()
+            epoch_start = time.perf_counter()
+            state.new_epoch(n, train.images.device)
+            bar = tqdm(batches, desc=f"epoch {epoch}" + (f" (pack of {len(state.slots)})" if len(members) > 1 else ""),
+                       unit="batch", leave=False, disable=not progress)
+            for i, (start, stop) in enumerate(bar):
+                _train_step(state, train, start, stop, scaler, dtype)
+                if i % CHECK_EVERY == CHECK_EVERY - 1 or i == len(batches) - 1:
+                    running = (state.loss_sum / stop).tolist()
+                    bad = [k for k, loss in enumerate(running) if not math.isfinite(loss)]
+                    for k in bad:
+                        state.slots[k].member.error = Diverged(f"loss became {running[k]} in epoch {epoch}")
+                    if bad:
+                        state.leave(bad, time.perf_counter() - epoch_start, stop)
+                        if not state.slots:
+                            break
+                    bar.set_postfix(loss=f"{sum(x for x in running if math.isfinite(x)) / max(1, len(running) - len(bad)):.3f}")
+            if not state.slots:
+                break
+            elapsed = time.perf_counter() - epoch_start
+            epoch_start = math.nan
+            for slot in state.slots:
+                slot.train_time += elapsed
+                slot.images += batches[-1][1]
+            train_loss = (state.loss_sum / batches[-1][1]).tolist()
+            t_eval = time.perf_counter()
+            val_acc = evaluate(state.net, val, plain, device, dtype, len(state.slots))
+            t_eval = time.perf_counter() - t_eval
+            for slot in state.slots:  # the pack evaluates every member in one pass: each counts the shared time
+                slot.eval_images += len(val)
+                slot.eval_time += t_eval
+            leaving = []
+            for k, slot in enumerate(state.slots):
+                if _end_epoch(slot, epoch, train_loss[k], val_acc[k], progress, log, len(members) > 1, packed, k):
+                    leaving.append(k)
+            state.update_lrs()
+            for k in leaving:  # finished, early-stopped or pruned: the weights it keeps, then its test accuracy
+                _finish(state.slots[k], packed, k, test, plain, device, dtype)
+            if leaving:
+                state.leave(leaving, 0.0, 0)
+    finally:
+        now = time.perf_counter()
+        for slot in state.slots:  # an exception ended the pack: what each member spent so far counts
+            if math.isfinite(epoch_start):
+                slot.train_time += now - epoch_start
+            _close(slot, now)
 
-    for epoch in range(1, cfg.epochs + 1):
-        model.train()
-        t0 = timing["epoch_start"] = time.perf_counter()
-        order = torch.randperm(n, generator=order_gen).to(train.images.device)
-        loss_sum = torch.zeros((), device=device)
-        bar = tqdm(batches, desc=f"epoch {epoch}/{cfg.epochs}", unit="batch", leave=False, disable=not progress)
-        for i, (start, stop) in enumerate(bar):
-            idx = order[start:stop]
-            x = augment(train.images[idx].to(device, non_blocking=True), gen).contiguous(memory_format=torch.channels_last)
-            y = train.labels[idx].to(device, non_blocking=True)
-            with autocast(device, dtype):
-                logits = net(x)
-            loss = loss_fn(logits.float(), y)
-            optimizer.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            if cfg.grad_clip:
-                scaler.unscale_(optimizer)
-                nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-            scaler.step(optimizer)
-            scaler.update()
-            schedule.after_batch()
-            loss_sum += loss.detach() * (stop - start)
-            timing["images"] += stop - start
-            if i % 20 == 19 or i == len(batches) - 1:  # reading the loss syncs the GPU: not every batch
-                running = loss_sum.item() / stop
-                if not math.isfinite(running):
-                    raise Diverged(f"loss became {running} in epoch {epoch}")
-                bar.set_postfix(loss=f"{running:.3f}")
-        train_loss = loss_sum.item() / batches[-1][1]
-        t1 = time.perf_counter()
-        val_acc = evaluate(net, val, plain, device, dtype)
-        t2 = time.perf_counter()
-        timing["train"] += t1 - t0
-        timing["epoch_start"] = math.nan
-        eval_time += t2 - t1
-        eval_images += len(val)
-        result.train_loss.append(train_loss)
-        result.val_acc.append(val_acc)
-        result.epochs_run = result.kept_epoch = epoch
-        if progress:
-            log(f"[{epoch}/{cfg.epochs}] loss={train_loss:.3f} val_acc={val_acc:.3f}")
-        schedule.after_epoch(val_acc)
-        if on_epoch is not None:
-            on_epoch(epoch, train_loss, val_acc)
-        if cfg.early_stopping:
-            if val_acc > best_acc:
-                best_acc, best_epoch, stale = val_acc, epoch, 0
-                best_state = copy.deepcopy(model.state_dict())
-            else:
-                stale += 1
-                if stale >= cfg.early_stopping:
-                    result.stop_reason = "early-stopped"
-                    break
-    if best_state is not None:  # early stopping keeps the best epoch's weights: value, test and checkpoint agree
-        model.load_state_dict(best_state)
-        result.kept_epoch = best_epoch
-    t3 = time.perf_counter()
-    result.test_acc = evaluate(net, test, plain, device, dtype)
-    eval_time += time.perf_counter() - t3
-    eval_images += len(test)
-    result.eval_images_per_sec = eval_images / max(eval_time, 1e-9)
-    return result
+
+class _PackState:
+    """The pack's tensors and per-member slots; `leave` compacts everything to the members that remain."""
+
+    def __init__(self, slots: list[_Slot], packed: nn.Module, optimizer: PackedOptimizer, device: torch.device,
+                 compile_model: bool = False):
+        self.slots, self.packed, self.optimizer, self.device = slots, packed, optimizer, device
+        # shares the parameters; a member leaving swaps them, which the compiled graph's guards catch
+        self.net = torch.compile(packed) if compile_model else packed
+        self._rebuild()
+
+    def _rebuild(self) -> None:
+        cfgs = [s.member.cfg for s in self.slots]
+        self.loss_fn = PackLoss(cfgs, self.device)
+        self.clip = torch.tensor([c.grad_clip for c in cfgs], device=self.device)
+        self.any_clip = any(c.grad_clip for c in cfgs)
+        self.per_batch = any(s.schedule.per_batch for s in self.slots)
+
+    def new_epoch(self, n: int, data_device: torch.device) -> None:
+        self.orders = torch.stack([torch.randperm(n, generator=s.order_gen) for s in self.slots]).to(data_device)
+        self.loss_sum = torch.zeros(len(self.slots), device=self.device)
+
+    def update_lrs(self) -> None:
+        self.optimizer.set_lr([s.stand_in.param_groups[0]["lr"] for s in self.slots])
+
+    def leave(self, gone: Sequence[int], partial_seconds: float, partial_images: int) -> None:
+        """Members `gone` leave now (mid-epoch when diverged: their partial epoch counts)."""
+        now = time.perf_counter()
+        for k in gone:
+            slot = self.slots[k]
+            slot.train_time += partial_seconds
+            slot.images += partial_images
+            _close(slot, now)
+        keep = [k for k in range(len(self.slots)) if k not in set(gone)]
+        if not keep:
+            self.slots = []
+            return
+        swapped = compact(self.packed, keep)
+        self.optimizer.compact(keep, swapped)
+        self.orders = self.orders[torch.tensor(keep, device=self.orders.device)]
+        self.loss_sum = self.loss_sum[torch.tensor(keep, device=self.device)]
+        self.slots = [self.slots[k] for k in keep]
+        self._rebuild()
+
+
+def _train_step(state: _PackState, train: Split, start: int, stop: int, scaler: torch.amp.GradScaler,
+                dtype: torch.dtype | None) -> None:
+    device, k = state.device, len(state.slots)
+    idx = state.orders[:, start:stop]
+    images = train.images[idx]  # [K, B, C, H, W] uint8
+    xs = [s.augment(images[j].to(device, non_blocking=True), s.gen) for j, s in enumerate(state.slots)]
+    x = (xs[0] if k == 1 else torch.cat(xs, 1)).contiguous(memory_format=torch.channels_last)  # [B, K*C, H, W]
+    y = train.labels[idx].to(device, non_blocking=True)
+    with autocast(device, dtype):
+        logits = state.net(x)
+    losses = state.loss_fn(logits.float(), y)
+    state.optimizer.zero_grad(set_to_none=True)
+    scaler.scale(losses.sum()).backward()
+    if state.any_clip:
+        scaler.unscale_(state.optimizer)
+        clip_grad_norm_per_member(state.packed.parameters(), state.clip, k)
+    scaler.step(state.optimizer)
+    scaler.update()
+    if state.per_batch:
+        for s in state.slots:
+            s.schedule.after_batch()
+        state.update_lrs()
+    state.loss_sum += losses.detach() * (stop - start)
+
+
+def _end_epoch(slot: _Slot, epoch: int, train_loss: float, val_acc: float, progress: bool, log: Callable[[str], None],
+               packed_run: bool, packed: nn.Module, k: int) -> bool:
+    """Record the epoch for one member; True when it leaves the pack now."""
+    m, result = slot.member, slot.member.result
+    result.train_loss.append(train_loss)
+    result.val_acc.append(val_acc)
+    result.epochs_run = result.kept_epoch = epoch
+    if progress:
+        log(f"{f'seed {m.seed}: ' if packed_run else ''}[{epoch}/{m.cfg.epochs}] loss={train_loss:.3f} val_acc={val_acc:.3f}")
+    slot.schedule.after_epoch(val_acc)
+    try:
+        if m.on_epoch is not None:
+            m.on_epoch(epoch, train_loss, val_acc)
+    except Exception as exc:  # pruning (or any callback error): this member leaves, the others go on
+        m.error = exc
+        return True
+    if m.cfg.early_stopping:
+        if val_acc > slot.best_acc:
+            slot.best_acc, slot.best_epoch, slot.stale = val_acc, epoch, 0
+            slot.best_state = copy.deepcopy(unpack_member(packed, k, m.model).state_dict())
+        else:
+            slot.stale += 1
+            if slot.stale >= m.cfg.early_stopping:
+                result.stop_reason = "early-stopped"
+                return True
+    return epoch >= m.cfg.epochs
+
+
+def _finish(slot: _Slot, packed: nn.Module, k: int, test: Split, plain: BatchAugment, device: torch.device,
+            dtype: torch.dtype | None) -> None:
+    """A member's final weights (its best epoch's under early stopping) and test accuracy."""
+    m = slot.member
+    model = unpack_member(packed, k, m.model)
+    if m.error is not None:
+        return  # pruned: no test accuracy, as a solo trial
+    if slot.best_state is not None:  # early stopping keeps the best epoch's weights: value, test and checkpoint agree
+        model.load_state_dict(slot.best_state)
+        m.result.kept_epoch = slot.best_epoch
+    model.to(device, memory_format=torch.channels_last)
+    t0 = time.perf_counter()
+    m.result.test_acc = evaluate(model, test, plain, device, dtype)[0]
+    slot.eval_time += time.perf_counter() - t0
+    slot.eval_images += len(test)
+
+
+def _close(slot: _Slot, now: float) -> None:
+    r = slot.member.result
+    r.train_seconds = now - slot.started
+    r.images_per_sec = slot.images / max(slot.train_time, 1e-9)
+    r.eval_images_per_sec = slot.eval_images / max(slot.eval_time, 1e-9)

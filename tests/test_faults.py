@@ -52,7 +52,7 @@ def test_an_exception_is_recorded_and_all_failing_stops_with_a_clear_error(base_
     def broken(*a, **k):
         raise RuntimeError("disk on fire")
 
-    monkeypatch.setattr(bench.objective, "fit", broken)
+    monkeypatch.setattr(bench.objective, "fit_pack", broken)
     assert run(*args, "--trials", "5") == 1
     err = capsys.readouterr().err
     assert "3 trials in a row failed" in err and "disk on fire" in err
@@ -71,8 +71,8 @@ def test_out_of_memory_fails_the_trial_with_its_reason(base_args, monkeypatch):
             raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
         return real_fit(*a, **k)
 
-    real_fit = bench.objective.fit
-    monkeypatch.setattr(bench.objective, "fit", oom_once)
+    real_fit = bench.objective.fit_pack
+    monkeypatch.setattr(bench.objective, "fit_pack", oom_once)
     assert run(*args, "--trials", "1") == 0
     study = optuna.load_study(study_name="f", storage=storage)
     first, second = study.trials

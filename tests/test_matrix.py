@@ -104,7 +104,7 @@ def test_a_killed_matrix_rerun_finishes_with_exactly_n_seeds_per_cell(rgb_folder
 
     _small_design(monkeypatch)
     args, storage = _matrix_args(rgb_folder, cache_dir, tmp_path)
-    real_fit, calls = bench.objective.fit, []
+    real_fit, calls = bench.objective.fit_pack, []
 
     def interrupted_on_the_fourth(*a, **k):
         calls.append(1)
@@ -112,13 +112,13 @@ def test_a_killed_matrix_rerun_finishes_with_exactly_n_seeds_per_cell(rgb_folder
             raise KeyboardInterrupt
         return real_fit(*a, **k)
 
-    monkeypatch.setattr(bench.objective, "fit", interrupted_on_the_fourth)
+    monkeypatch.setattr(bench.objective, "fit_pack", interrupted_on_the_fourth)
     assert run_cli(main, args) == 130
     study = optuna.load_study(study_name="m", storage=storage)
     study.ask()  # a hard kill (SIGKILL) leaves the next cell RUNNING forever
     states = [t.state.name for t in study.trials]
     assert "RUNNING" in states and "FAIL" in states
-    monkeypatch.setattr(bench.objective, "fit", real_fit)
+    monkeypatch.setattr(bench.objective, "fit_pack", real_fit)
     assert run_cli(main, args) == 0
     study = optuna.load_study(study_name="m", storage=storage)
     assert {cell: sorted(seeds) for cell, seeds in _cells(study).items()} == {
@@ -134,14 +134,15 @@ def test_a_diverged_cell_is_rerun_once_then_counted_as_diverged(rgb_folder, cach
 
     _small_design(monkeypatch)
     args, storage = _matrix_args(rgb_folder, cache_dir, tmp_path, seeds=1)
-    real_fit = bench.objective.fit
+    real_fit = bench.objective.fit_pack
 
-    def mse_diverges(model, splits, cfg, **k):
-        if cfg.loss == "mse":
-            raise Diverged("loss became nan in epoch 1")
-        return real_fit(model, splits, cfg, **k)
+    def mse_diverges(members, splits, **k):
+        if members[0].cfg.loss == "mse":  # as the loop reports it: the member leaves with Diverged
+            members[0].error = Diverged("loss became nan in epoch 1")
+            return None
+        return real_fit(members, splits, **k)
 
-    monkeypatch.setattr(bench.objective, "fit", mse_diverges)
+    monkeypatch.setattr(bench.objective, "fit_pack", mse_diverges)
     assert run_cli(main, args) == 0
     study = optuna.load_study(study_name="m", storage=storage)
     from bench.objective import Attr

@@ -6,7 +6,7 @@ import torch
 from bench.data import load_image_folder, make_splits
 from bench.models import build_model
 from bench.space import BASELINE, LOSSES, OPTIMIZERS, SCHEDULERS, TrainConfig
-from bench.train import Diverged, FitResult, build_optimizer, build_schedule, fit, inert_techniques, resolve_precision
+from bench.train import Diverged, FitResult, fit, inert_techniques, member_schedule, resolve_precision
 
 CPU = torch.device("cpu")
 
@@ -92,7 +92,7 @@ def test_early_stopping_value_test_and_weights_come_from_the_restored_epoch(spli
 
     ds = splits.dataset
     plain = BatchAugment(AugmentConfig(), ds.mean, ds.std, CPU)
-    assert evaluate(model, splits.val, plain, CPU, None) == pytest.approx(result.kept_val_acc)  # the restored weights
+    assert evaluate(model, splits.val, plain, CPU, None)[0] == pytest.approx(result.kept_val_acc)  # the restored weights
 
 
 def test_epoch_callback_can_stop_training_and_the_run_keeps_its_curves_and_cost(splits):
@@ -119,12 +119,9 @@ def test_a_diverged_run_records_its_cost(splits):
 
 def test_onecycle_keeps_the_searched_momentum():
     cfg = BASELINE.replace(optimizer="sgd", momentum=0.5, scheduler="onecycle", epochs=2)
-    model = torch.nn.Linear(2, 2)
-    optimizer = build_optimizer(cfg, model.parameters())
-    schedule = build_schedule(cfg, optimizer, steps_per_epoch=5)
+    optimizer, schedule = member_schedule(cfg, steps_per_epoch=5)
     lrs = []
     for _ in range(10):
-        optimizer.step()
         schedule.after_batch()
         lrs.append(optimizer.param_groups[0]["lr"])
         assert optimizer.param_groups[0]["momentum"] == 0.5

@@ -1,0 +1,20 @@
+#!/usr/bin/env bash
+# On a GPU machine, with gpu-carry/ from scripts/gpu-prepare.sh: the tests that need CUDA, then the pack
+# benchmark (member-images/s for K = 1, 8, 32, 64 beside the solo path; the best K; what --deterministic costs).
+# Under 3 minutes on one H100. `scripts/gpu-check.sh --study` also times `bench.run --trials 50` (full CIFAR-10,
+# default space, --pack auto) and prints its occupancy and best trial.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+export PYTHONUNBUFFERED=1 PYTHONPATH="/tmp/bench-site:$PWD"
+python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/bench-site gpu-carry/wheels/*.whl
+[ -d /tmp/cifar10-jpeg/train ] || python3 gpu-carry/data/unpack.py /tmp/cifar10-jpeg >/dev/null
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+python3 -c "import torch; print('torch', torch.__version__, torch.cuda.get_device_name())"
+python3 -m pytest -q -p no:cacheprovider tests/test_gpu.py
+python3 -m bench.perf --device cuda --dataset /tmp/cifar10-jpeg --cache-dir /tmp/bench-cache --epochs 1 \
+  --paths harness --pack 1,8,32,64 --deterministic --quiet
+if [ "${1:-}" = "--study" ]; then
+  rm -f /tmp/gpu50.db
+  /usr/bin/time -f "bench.run --trials 50: %e s" python3 -m bench.run --trials 50 --dataset /tmp/cifar10-jpeg \
+    --cache-dir /tmp/bench-cache --storage sqlite:////tmp/gpu50.db --study-name gpu50 --quiet --keep-models none
+fi

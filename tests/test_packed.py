@@ -1,0 +1,322 @@
+"""Packed trials: a member trains exactly as it would alone, whoever shares its pack."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from bench.data import load_image_folder, make_splits
+from bench.fixtures import make_image_folder
+from bench.models import build_model
+from bench.packed import compact, pack_models, shape_signature, unpack_member
+from bench.packed_optim import PackedOptimizer, clip_grad_norm_per_member
+from bench.space import BASELINE, TrainConfig
+from bench.train import Diverged, Member, fit_pack
+
+CPU = torch.device("cpu")
+# batch 32 > the 27 train images: one step per epoch, so the per-epoch loss is the per-step loss
+STEP = BASELINE.replace(batch_size=32, epochs=20)
+OTHERS = (
+    BASELINE.replace(optimizer="sgd", lr=0.05, momentum=0.9, nesterov=True, loss="focal", focal_gamma=1.5,
+                     color_jitter=True, rotation=True),
+    BASELINE.replace(optimizer="rmsprop", lr=1e-3, momentum=0.5, loss="mse", erasing=True, grad_clip=0.5),
+    BASELINE.replace(optimizer="adamw", lr=1e-3, weight_decay=1e-2, label_smoothing=0.1, affine=True, grayscale=True,
+                     scheduler="onecycle"),
+)
+
+
+@pytest.fixture
+def splits(rgb_folder, cache_dir):
+    return make_splits(load_image_folder(rgb_folder, cache_dir=cache_dir), val_split=0.25, seed=0)
+
+
+def member(splits, cfg: TrainConfig, seed: int, on_epoch=None) -> Member:
+    torch.manual_seed(seed)  # exactly as a solo trial draws its initial weights
+    ds = splits.dataset
+    return Member(build_model(cfg, ds.channels, ds.image_size, len(ds.classes)), cfg, seed, on_epoch)
+
+
+def train(splits, configs, seeds, **kw) -> list[Member]:
+    members = [member(splits, c, s, kw.pop(f"on_epoch_{i}", None)) for i, (c, s) in enumerate(zip(configs, seeds, strict=True))]
+    fit_pack(members, splits, device=CPU, precision="fp32", progress=False, **kw)
+    return members
+
+
+def same_shape(cfg: TrainConfig, base: TrainConfig) -> TrainConfig:
+    return cfg.replace(**{f: getattr(base, f) for f in ("batch_size", "extra_blocks", "width", "batch_norm", "residual",
+                                                       "hidden_units")}, epochs=base.epochs)
+
+
+@pytest.mark.parametrize("arch", [{}, {"batch_norm": True, "dropout": 0.3, "residual": True, "extra_blocks": 1}],
+                         ids=["tinycnn", "bn-dropout-residual"])
+def test_a_member_trains_in_a_pack_of_four_exactly_as_alone(splits, arch):
+    cfg = STEP.replace(**arch)
+    solo = train(splits, [cfg], [3])[0]
+    others = [same_shape(o.replace(**arch), cfg) for o in OTHERS]
+    pack = train(splits, [others[0], cfg, others[1], others[2]], [11, 3, 12, 13])
+    mine = pack[1]
+    assert len(solo.result.train_loss) == len(mine.result.train_loss) == 20  # 20 steps
+    assert mine.result.train_loss == pytest.approx(solo.result.train_loss, abs=1e-4)
+    assert abs(mine.result.val_acc[-1] - solo.result.val_acc[-1]) <= 0.002
+    assert abs(mine.result.test_acc - solo.result.test_acc) <= 0.002
+    assert all(m.error is None and m.result.epochs_run == 20 for m in pack)
+    assert len({tuple(m.result.train_loss) for m in pack}) == 4  # the members really differ
+
+
+def test_validation_accuracy_after_one_epoch_matches_on_more_data(tmp_path, cache_dir):
+    root = make_image_folder(tmp_path / "more", per_class=60, test_per_class=20)
+    data = make_splits(load_image_folder(root, cache_dir=cache_dir), val_split=0.25, seed=0)
+    cfg = BASELINE.replace(epochs=1, batch_size=16, color_jitter=True)
+    solo = train(data, [cfg], [5])[0]
+    pack = train(data, [same_shape(o, cfg) for o in OTHERS[:2]] + [cfg, same_shape(OTHERS[2], cfg)], [1, 2, 5, 4])
+    assert abs(pack[2].result.val_acc[0] - solo.result.val_acc[0]) <= 0.002
+    assert pack[2].result.train_loss == pytest.approx(solo.result.train_loss, abs=1e-4)
+
+
+def test_a_pruned_member_leaves_and_the_others_are_unchanged(splits):
+    cfgs = [BASELINE.replace(epochs=3, batch_size=16, lr=lr) for lr in (3e-3, 1e-3, 1e-2)]
+    alone = train(splits, cfgs, [0, 1, 2])
+
+    class Pruned(Exception):
+        pass
+
+    def prune_after_first(epoch, loss, acc):
+        if epoch == 1:
+            raise Pruned
+
+    pack = train(splits, cfgs, [0, 1, 2], on_epoch_1=prune_after_first)
+    assert isinstance(pack[1].error, Pruned) and pack[1].result.epochs_run == 1
+    assert pack[1].result.train_seconds > 0 and pack[1].result.images_per_sec > 0
+    for k in (0, 2):
+        assert pack[k].result.train_loss == pytest.approx(alone[k].result.train_loss, abs=1e-4)
+        assert pack[k].result.val_acc == pytest.approx(alone[k].result.val_acc, abs=0.002)
+        assert pack[k].error is None and pack[k].result.epochs_run == 3
+
+
+def test_a_diverged_member_is_pruned_without_touching_the_others(splits):
+    good = BASELINE.replace(epochs=2, batch_size=16)
+    bad = good.replace(optimizer="sgd", lr=1e6, momentum=0.9)
+    alone = train(splits, [good], [0])[0]
+    pack = train(splits, [bad, good], [1, 0])
+    assert isinstance(pack[0].error, Diverged) and pack[1].error is None
+    assert pack[1].result.train_loss == pytest.approx(alone.result.train_loss, abs=1e-4)
+    assert pack[0].result.train_seconds > 0
+
+
+def test_members_with_fewer_epochs_or_early_stopping_leave_at_their_end(splits):
+    base = BASELINE.replace(batch_size=16, epochs=4)
+    short, stopper = base.replace(epochs=2), base.replace(early_stopping=1, lr=1e-6)
+    pack = train(splits, [short, base, stopper], [0, 1, 2])
+    assert [m.result.epochs_run for m in pack][:2] == [2, 4]
+    assert pack[2].result.stop_reason == "early-stopped" and pack[2].result.epochs_run < 4
+    assert all(0 <= m.result.test_acc <= 1 for m in pack)
+
+
+def test_mixed_shapes_are_refused():
+    cfgs = [BASELINE, BASELINE.replace(width=2.0)]
+    assert shape_signature(cfgs[0]) != shape_signature(cfgs[1])
+    with pytest.raises(ValueError, match="shape signature"):
+        pack_models([build_model(c, 3, (32, 32), 10) for c in cfgs], cfgs)
+
+
+# --- the pieces ------------------------------------------------------------------------------
+
+
+def torch_optimizer(cfg: TrainConfig, params) -> torch.optim.Optimizer:
+    """torch's own optimizer for cfg, the reference the vectorised updates must reproduce."""
+    kinds = {
+        "adam": lambda: torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay),
+        "adamw": lambda: torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay),
+        "sgd": lambda: torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov,
+                                       weight_decay=cfg.weight_decay),
+        "rmsprop": lambda: torch.optim.RMSprop(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay),
+    }
+    return kinds[cfg.optimizer]()
+
+
+OPTIMIZER_CONFIGS = [
+    BASELINE.replace(optimizer="adam", weight_decay=1e-4),
+    BASELINE.replace(optimizer="adamw", lr=1e-3, weight_decay=1e-2),
+    BASELINE.replace(optimizer="sgd", lr=0.05, momentum=0.9, nesterov=True, weight_decay=5e-4),
+    BASELINE.replace(optimizer="sgd", lr=0.05, momentum=0.6),
+    BASELINE.replace(optimizer="rmsprop", lr=1e-3, momentum=0.5),
+    BASELINE.replace(optimizer="rmsprop", lr=1e-3, momentum=0.0, weight_decay=1e-3),
+]
+
+
+def test_vectorised_updates_match_torchs_optimizers():
+    k, rows = len(OPTIMIZER_CONFIGS), 3
+    gen = torch.Generator().manual_seed(0)
+    packed = torch.nn.Parameter(torch.randn(k * rows, 4, 3, 3, generator=gen).contiguous(memory_format=torch.channels_last))
+    solos = [torch.nn.Parameter(packed.detach()[i * rows:(i + 1) * rows].clone()) for i in range(k)]
+    ours = PackedOptimizer([packed], OPTIMIZER_CONFIGS, CPU)
+    theirs = [torch_optimizer(c, [p]) for c, p in zip(OPTIMIZER_CONFIGS, solos, strict=True)]
+    for _ in range(10):
+        grad = torch.randn(k * rows, 4, 3, 3, generator=gen)
+        packed.grad = grad.clone()
+        ours.step()
+        for i, (p, opt) in enumerate(zip(solos, theirs, strict=True)):
+            p.grad = grad[i * rows:(i + 1) * rows].clone()
+            opt.step()
+    for i, cfg in enumerate(OPTIMIZER_CONFIGS):
+        assert torch.allclose(packed.detach()[i * rows:(i + 1) * rows], solos[i].detach(), atol=1e-6), cfg.optimizer
+
+
+def test_compaction_keeps_the_remaining_members_optimizer_state():
+    k, rows = 4, 2
+    p = torch.nn.Parameter(torch.randn(k, rows, 5))
+    cfgs = OPTIMIZER_CONFIGS[:4]
+    opt = PackedOptimizer([p], cfgs, CPU)
+    p.grad = torch.randn_like(p)
+    opt.step()
+    new = torch.nn.Parameter(p.detach()[[0, 2]].clone())
+    before = {name: t[[0, 2]].clone() for name, t in opt.state[p].items()}
+    opt.compact([0, 2], {p: new})
+    assert opt.members == 2 and [c.optimizer for c in opt.configs] == ["adam", "sgd"]
+    for name, t in before.items():
+        assert torch.equal(opt.state[new][name], t)
+
+
+def test_per_member_gradient_clipping_matches_torch():
+    k = 3
+    params = [torch.nn.Parameter(torch.zeros(k * 4, 3)), torch.nn.Parameter(torch.zeros(k, 6))]
+    grads = [torch.randn_like(p) * 5 for p in params]
+    for p, g in zip(params, grads, strict=True):
+        p.grad = g.clone()
+    max_norm = torch.tensor([1.0, 0.0, 0.5])
+    clip_grad_norm_per_member(params, max_norm, k)
+    for i, limit in enumerate(max_norm.tolist()):
+        solo = [torch.nn.Parameter(torch.zeros(4, 3)), torch.nn.Parameter(torch.zeros(1, 6))]
+        solo[0].grad, solo[1].grad = grads[0][i * 4:(i + 1) * 4].clone(), grads[1][i:i + 1].clone()
+        if limit:
+            torch.nn.utils.clip_grad_norm_(solo, limit)
+        assert torch.allclose(params[0].grad[i * 4:(i + 1) * 4], solo[0].grad, atol=1e-6)
+        assert torch.allclose(params[1].grad[i:i + 1], solo[1].grad, atol=1e-6)
+
+
+def test_pack_unpack_and_compact_round_trip():
+    cfgs = [BASELINE.replace(batch_norm=True, residual=True, dropout=d) for d in (0.0, 0.3, 0.1)]
+    models = []
+    for seed, cfg in enumerate(cfgs):
+        torch.manual_seed(seed)
+        models.append(build_model(cfg, 3, (32, 32), 10).eval())
+    packed = pack_models(models, cfgs).eval()
+    x = torch.randn(4, 3, 32, 32)
+    with torch.no_grad():
+        out = packed(x.repeat(1, 3, 1, 1))
+        for k, model in enumerate(models):
+            assert torch.allclose(out[k], model(x), atol=1e-5)
+        compact(packed, [2, 0])
+        out = packed(x.repeat(1, 2, 1, 1))
+        assert torch.allclose(out[0], models[2](x), atol=1e-5) and torch.allclose(out[1], models[0](x), atol=1e-5)
+    fresh = build_model(cfgs[2], 3, (32, 32), 10)
+    unpack_member(packed, 0, fresh)
+    for a, b in zip(fresh.state_dict().values(), models[2].state_dict().values(), strict=True):
+        assert torch.equal(a, b)
+
+
+# --- the pack runner ---------------------------------------------------------------------------
+
+
+def run_args(rgb_folder, cache_dir, tmp_path, *extra):
+    storage = f"sqlite:///{tmp_path / 'p.db'}"
+    return ["--dataset", str(rgb_folder), "--cache-dir", str(cache_dir), "--study-name", "p", "--storage", storage,
+            "--val-split", "0.25", "--quiet", "--max-epochs", "2", *extra], storage
+
+
+def test_bench_run_in_packs_of_four_fills_its_packs(rgb_folder, cache_dir, tmp_path, capsys):
+    import optuna
+
+    from bench.errors import run_cli
+    from bench.objective import Attr
+    from bench.run import main
+
+    args, storage = run_args(rgb_folder, cache_dir, tmp_path, "--pack", "4", "--trials", "8")
+    assert run_cli(main, args) == 0
+    out = capsys.readouterr().out
+    occupancy = int(out.split("mean pack occupancy: ")[1].split("%")[0])
+    assert occupancy >= 75
+    study = optuna.load_study(study_name="p", storage=storage)
+    done = study.get_trials(states=(optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED))
+    assert len(done) == len(study.trials) == 8
+    assert len({tuple(sorted(t.params.items())) for t in done}) == 8  # eight distinct trials, not copies
+    for t in done:
+        assert t.user_attrs[Attr.PACK_SIZE] in (1, 2, 3, 4) and 0 <= t.user_attrs[Attr.PACK_SLOT] < 4
+        assert t.user_attrs[Attr.TRAIN_SECONDS] > 0 and len(t.user_attrs[Attr.VAL_CURVE]) >= 1
+
+
+def _runner(rgb_folder, cache_dir, tmp_path):
+    import optuna
+
+    from bench.locks import TrialGate
+    from bench.objective import Objective, TrialSettings
+    from bench.space import build_space
+
+    splits = make_splits(load_image_folder(rgb_folder, cache_dir=cache_dir), val_split=0.25, seed=0)
+    storage = f"sqlite:///{tmp_path / 'r.db'}"
+    study = optuna.create_study(study_name="r", storage=storage, direction="maximize",
+                                sampler=optuna.samplers.RandomSampler(seed=0))
+    objective = Objective(splits, build_space(1), TrialSettings(device="cpu", precision="fp32", progress=False))
+    return study, objective, TrialGate(storage, "r")
+
+
+def test_asks_with_two_signatures_become_two_packs(rgb_folder, cache_dir, tmp_path):
+    from bench.objective import Attr
+    from bench.study import run_packs
+
+    study, objective, gate = _runner(rgb_folder, cache_dir, tmp_path)
+    for width in (1.0, 2.0, 1.0, 2.0):  # waiting trials (a baseline, retries) join packs by their own shape
+        study.enqueue_trial({"width": width, "batch_size": 64, "extra_blocks": 0, "batch_norm": False,
+                             "residual": False, "hidden_units": 128, "epochs": 1})
+    stats = run_packs(study, objective, 4, pack=4, gate=gate, say=lambda line: None)
+    assert stats.members == [2, 2] and stats.occupancy == 0.5
+    by_width = {}
+    for t in study.trials:
+        by_width.setdefault(t.params["width"], []).append((t.user_attrs[Attr.PACK_SIZE], t.user_attrs[Attr.PACK_SLOT]))
+    assert sorted(by_width[1.0]) == sorted(by_width[2.0]) == [(2, 0), (2, 1)]
+
+
+def test_out_of_memory_halves_the_pack_and_says_so(rgb_folder, cache_dir, tmp_path, monkeypatch):
+    import bench.objective
+    from bench.objective import Attr
+    from bench.study import run_packs
+
+    real = bench.objective.fit_pack
+
+    def small_device(members, *a, **k):
+        if len(members) > 2:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return real(members, *a, **k)
+
+    monkeypatch.setattr(bench.objective, "fit_pack", small_device)
+    study, objective, gate = _runner(rgb_folder, cache_dir, tmp_path)
+    said = []
+    stats = run_packs(study, objective, 6, pack=4, gate=gate, say=said.append)
+    assert any("out of memory with a pack of 4: halving it to 2" in line for line in said)
+    assert all(t.state.name == "COMPLETE" for t in study.trials) and len(study.trials) == 6
+    assert {t.user_attrs[Attr.PACK_SIZE] for t in study.trials} == {2}  # the runner asks packs of 2 from then on
+    assert stats.members[-1] == 2
+
+
+def test_interrupting_a_pack_leaves_no_running_trial(rgb_folder, cache_dir, tmp_path, monkeypatch, capsys):
+    import optuna
+
+    import bench.objective
+    from bench.errors import run_cli
+    from bench.objective import Attr
+    from bench.run import main
+
+    def interrupted(members, *a, **k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(bench.objective, "fit_pack", interrupted)
+    args, storage = run_args(rgb_folder, cache_dir, tmp_path, "--pack", "3", "--trials", "6")
+    assert run_cli(main, args) == 130
+    study = optuna.load_study(study_name="p", storage=storage)
+    assert len(study.trials) == 3
+    assert all(t.state.name == "FAIL" and t.user_attrs[Attr.FAIL_REASON] == "interrupted" for t in study.trials)
+    monkeypatch.undo()
+    assert run_cli(main, args) == 0  # the same command resumes
+    study = optuna.load_study(study_name="p", storage=storage)
+    assert len(study.get_trials(states=(optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED))) == 6
+    assert not study.get_trials(states=(optuna.trial.TrialState.RUNNING,))

@@ -44,6 +44,7 @@ METRIC_COLUMNS = {  # frame column -> user attribute
     "train_seconds": Attr.TRAIN_SECONDS, "images_per_sec": Attr.IMAGES_PER_SEC, "param_count": Attr.PARAM_COUNT,
     "device": Attr.DEVICE, "seed": Attr.SEED, "cell": Attr.CELL, "fail_reason": Attr.FAIL_REASON,
     "kept_epoch": Attr.KEPT_EPOCH, "train_images": Attr.TRAIN_IMAGES, "num_classes": Attr.NUM_CLASSES,
+    "pack_size": Attr.PACK_SIZE, "pack_slot": Attr.PACK_SLOT,
 }
 
 

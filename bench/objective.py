@@ -67,15 +67,15 @@ class Objective:
 
     def __call__(self, trial: optuna.Trial) -> float:
         """The solo trial (study.optimize): a pack of one."""
-        member = self.member(trial)
         try:
+            member = self.member(trial)
             self.train([member])
         except torch.OutOfMemoryError as exc:
             self.out_of_memory([member], exc)
             self.conclude(trial, member)
             raise
-        except KeyboardInterrupt:
-            self.conclude(trial, member)
+        except KeyboardInterrupt:  # wherever it lands (preparing, training, recording): the trial says so
+            record_interrupted(trial)
             raise
         state, value = self.conclude(trial, member)
         if state == TrialState.COMPLETE:
@@ -194,6 +194,11 @@ class _OutOfMemory(Exception):
 def finished(member: Member) -> bool:
     """The member left the pack with its outcome (completed, or stopped by its own callback or divergence)."""
     return member.error is not None or math.isfinite(member.result.test_acc)
+
+
+def record_interrupted(trial: optuna.Trial) -> None:
+    trial.set_user_attr(Attr.STOP_REASON, "failed")
+    trial.set_user_attr(Attr.FAIL_REASON, "interrupted")
 
 
 def mark_interrupted(members: list[Member]) -> None:

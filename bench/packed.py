@@ -109,15 +109,8 @@ class PackedDropout(nn.Module):
         return x * ((u < keep).to(x.dtype) / keep)
 
 
-class PackedConvNet(nn.Module):
-    def __init__(self, features: nn.Sequential, classifier: nn.Sequential):
-        super().__init__()
-        self.features = features
-        self.classifier = classifier
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """[B, K*C_in, H, W] -> logits [K, B, classes]."""
-        return self.classifier(self.features(x))
+class PackedConvNet(ConvNet):
+    """ConvNet of packed layers: [B, K*C_in, H, W] -> logits [K, B, classes]."""
 
     @property
     def members(self) -> int:

@@ -24,7 +24,7 @@ from optuna.trial import FrozenTrial, TrialState
 import bench
 from bench.errors import UsageError, redact
 from bench.locks import TrialGate, storage_file
-from bench.objective import Attr, Objective, finished, mark_interrupted
+from bench.objective import Attr, Objective, finished, mark_interrupted, record_interrupted
 from bench.packed import SHAPE_FIELDS, shape_signature
 from bench.space import Param, grid_search_space
 from bench.train import Member
@@ -269,19 +269,22 @@ class PackStats:
         return sum(self.members) / max(1, sum(self.slots))
 
 
-def ask_pack(study: optuna.Study, objective: Objective, size: int, *, pack_aware: bool) -> list[tuple[optuna.Trial, Member]]:
+def ask_pack(study: optuna.Study, objective: Objective, size: int, *, pack_aware: bool,
+             asked: list[optuna.Trial]) -> list[tuple[optuna.Trial, Member]]:
     """Ask `size` trials for one pack. The first samples everything; with `pack_aware`, each next one is asked
     with the first's shape parameters fixed (an enqueued partial trial, which Optuna completes by sampling the
-    rest), so the pack fills with one shape signature. Trials already waiting (the baseline, retries) come first."""
-    first = study.ask()
-    asked = [(first, objective.member(first))]
-    shape = {name: getattr(asked[0][1].cfg, name) for name in SHAPE_FIELDS}
-    while len(asked) < size:
-        if pack_aware and not study.get_trials(deepcopy=False, states=(TrialState.WAITING,)):
+    rest), so the pack fills with one shape signature. Trials already waiting (the baseline, retries) come first.
+    Every trial created is appended to `asked` at once, so an interrupted caller can tell it."""
+    pairs: list[tuple[optuna.Trial, Member]] = []
+    shape: dict[str, Any] = {}
+    while len(pairs) < size:
+        if pairs and pack_aware and not study.get_trials(deepcopy=False, states=(TrialState.WAITING,)):
             study.enqueue_trial(shape, skip_if_exists=False)
         trial = study.ask()
-        asked.append((trial, objective.member(trial)))
-    return asked
+        asked.append(trial)
+        pairs.append((trial, objective.member(trial)))
+        shape = shape or {name: getattr(pairs[0][1].cfg, name) for name in SHAPE_FIELDS}
+    return pairs
 
 
 def _train_group(objective: Objective, group: list[tuple[optuna.Trial, Member]], say: Callable[[str], None]) -> int:
@@ -316,18 +319,19 @@ def run_packs(study: optuna.Study, objective: Objective, target: int, *, pack: i
     stats = PackStats()
     callbacks = list(callbacks)
     while deadline is None or time.monotonic() < deadline:
-        with gate:
-            optuna.storages.fail_stale_trials(study)
-            busy = len(study.get_trials(deepcopy=False, states=(*FINISHED, TrialState.RUNNING)))
-            size = min(pack, target - busy)
-            if size <= 0:
-                return stats
-            asked = ask_pack(study, objective, size, pack_aware=pack_aware)
+        created: list[optuna.Trial] = []
         groups: dict[tuple, list[tuple[optuna.Trial, Member]]] = {}
-        for trial, member in asked:
-            groups.setdefault(shape_signature(member.cfg), []).append((trial, member))
         told: set[int] = set()
         try:
+            with gate:
+                optuna.storages.fail_stale_trials(study)
+                busy = len(study.get_trials(deepcopy=False, states=(*FINISHED, TrialState.RUNNING)))
+                size = min(pack, target - busy)
+                if size <= 0:
+                    return stats
+                asked = ask_pack(study, objective, size, pack_aware=pack_aware, asked=created)
+            for trial, member in asked:
+                groups.setdefault(shape_signature(member.cfg), []).append((trial, member))
             with contextlib.ExitStack() as beats:  # ask/tell runs no heartbeat of its own: one per member
                 for trial, _ in asked:
                     beats.enter_context(get_heartbeat_thread(trial._trial_id, study._storage))
@@ -343,6 +347,10 @@ def run_packs(study: optuna.Study, objective: Objective, target: int, *, pack: i
             for group in groups.values():
                 mark_interrupted([m for _, m in group])
                 _tell(study, objective, group, callbacks, told)
+            for trial in created:  # interrupted while being asked: no member yet
+                if trial.number not in told:
+                    record_interrupted(trial)
+                    study.tell(trial, state=TrialState.FAIL, skip_if_finished=True)
             raise
         finally:
             gc.collect()

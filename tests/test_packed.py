@@ -243,6 +243,10 @@ def test_bench_run_in_packs_of_four_fills_its_packs(rgb_folder, cache_dir, tmp_p
     for t in done:
         assert t.user_attrs[Attr.PACK_SIZE] in (1, 2, 3, 4) and 0 <= t.user_attrs[Attr.PACK_SLOT] < 4
         assert t.user_attrs[Attr.TRAIN_SECONDS] > 0 and len(t.user_attrs[Attr.VAL_CURVE]) >= 1
+    from bench.analysis import trials_frame
+
+    frame = trials_frame(study)
+    assert frame["pack_size"].notna().all() and frame["pack_slot"].between(0, 3).all()
 
 
 def _runner(rgb_folder, cache_dir, tmp_path):

@@ -67,6 +67,7 @@ class Objective:
 
     def __call__(self, trial: optuna.Trial) -> float:
         """The solo trial (study.optimize): a pack of one."""
+        member: Member | None = None
         try:
             member = self.member(trial)
             self.train([member])
@@ -75,7 +76,10 @@ class Objective:
             self.conclude(trial, member)
             raise
         except KeyboardInterrupt:  # wherever it lands (preparing, training, recording): the trial says so
-            record_interrupted(trial)
+            if member is not None and isinstance(member.error, _Interrupted):
+                self.conclude(trial, member)  # with what it measured and cost so far
+            else:
+                record_interrupted(trial)
             raise
         state, value = self.conclude(trial, member)
         if state == TrialState.COMPLETE:

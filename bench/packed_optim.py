@@ -14,6 +14,7 @@ from collections.abc import Iterable, Sequence
 
 import torch
 
+from bench.packed import compact_tensor
 from bench.space import TrainConfig
 
 ADAM_BETAS = (0.9, 0.999)  # torch's defaults, as the solo trials always used
@@ -42,6 +43,7 @@ class PackedOptimizer(torch.optim.Optimizer):
         self.wds = [c.weight_decay for c in cfgs]
         self.moms = [c.momentum if c.optimizer in ("sgd", "rmsprop") else 0.0 for c in cfgs]
         self.weight_decay, self.momentum = t(self.wds), t(self.moms)
+        self.shared = {"weight_decay": _shared(self.wds), "momentum": _shared(self.moms)}
         self.nesterov = torch.tensor([c.optimizer == "sgd" and c.nesterov and c.momentum > 0 for c in cfgs], device=self.device)
         self.decoupled = torch.tensor([c.optimizer == "adamw" for c in cfgs], device=self.device)
         families = [FAMILIES[c.optimizer] for c in cfgs]
@@ -60,11 +62,13 @@ class PackedOptimizer(torch.optim.Optimizer):
     def set_lr(self, lrs: Sequence[float]) -> None:
         self.lrs = list(lrs)
         self.lr = torch.tensor(self.lrs, dtype=torch.float32, device=self.device)
+        self.shared["lr"] = _shared(self.lrs)
 
-    def _hp(self, name: str, values: Sequence[float], shape: tuple[int, ...]) -> float | torch.Tensor:
+    def _hp(self, name: str, shape: tuple[int, ...]) -> float | torch.Tensor:
         """One hyperparameter: a Python number when every member shares it (a pack of one always does: then the
         update is torch's own in-place arithmetic), else the [K] tensor shaped to broadcast over the parameter."""
-        return float(values[0]) if len(set(values)) == 1 else getattr(self, name).view(shape)
+        value = self.shared[name]
+        return getattr(self, name).view(shape) if value is None else value
 
     @torch.no_grad()
     def step(self, closure=None):  # noqa: ANN001 - torch's signature
@@ -77,8 +81,7 @@ class PackedOptimizer(torch.optim.Optimizer):
                 shape = (k,) + (1,) * p.dim()
                 view = (k, p.shape[0] // k, *p.shape[1:])  # splits the outermost dim: valid for channels-last too
                 pv, g = p.view(view), p.grad.view(view)
-                hp = {"lr": self._hp("lr", self.lrs, shape), "wd": self._hp("weight_decay", self.wds, shape),
-                      "mom": self._hp("momentum", self.moms, shape)}
+                hp = {"lr": self._hp("lr", shape), "wd": self._hp("weight_decay", shape), "mom": self._hp("momentum", shape)}
                 state = self.state[p]
                 if len(self.families) == 1:  # the usual pack: one family, updated in place
                     family = next(iter(self.families))
@@ -152,8 +155,6 @@ class PackedOptimizer(torch.optim.Optimizer):
 
     def compact(self, keep: Sequence[int], swapped: dict[torch.nn.Parameter, torch.nn.Parameter]) -> None:
         """Keep members `keep`: parameters are the compacted model's, state rows follow (bench.packed.compact)."""
-        from bench.packed import compact_tensor
-
         k = self.members
         for group in self.param_groups:
             group["params"] = [swapped.get(p, p) for p in group["params"]]
@@ -169,6 +170,11 @@ class PackedOptimizer(torch.optim.Optimizer):
         self.configs = [self.configs[i] for i in keep]
         self._build()
         self.set_lr(lrs)
+
+
+def _shared(values: Sequence[float]) -> float | None:
+    """The value every member shares, or None when they differ (decided when the values are set, not per step)."""
+    return float(values[0]) if len(set(values)) == 1 else None
 
 
 @torch.no_grad()

@@ -7,10 +7,15 @@ a named preset (bench.space.PRESETS) - tests loop over that registry.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 from torch import nn
 
 from bench.space import TrainConfig, preset_config
+
+if TYPE_CHECKING:
+    from bench.data import Dataset
 
 BASE_CHANNELS = (32, 64, 128, 256, 256)
 
@@ -77,6 +82,13 @@ def build_model(cfg: TrainConfig, in_channels: int, image_size: tuple[int, int],
     else:
         head.append(nn.Linear(n_features, num_classes))
     return ConvNet(features, nn.Sequential(*head))
+
+
+def build_seeded_model(cfg: TrainConfig, seed: int, dataset: Dataset) -> ConvNet:
+    """The model a trial with this seed starts from: torch's global RNG seeded, then built for the dataset.
+    Every path draws initial weights this way, so a pack member starts exactly as the solo trial."""
+    torch.manual_seed(seed)
+    return build_model(cfg, dataset.channels, dataset.image_size, len(dataset.classes))
 
 
 def create_model(name: str, in_channels: int = 3, image_size: tuple[int, int] = (32, 32), num_classes: int = 10) -> ConvNet:

@@ -13,7 +13,7 @@ import torch
 from optuna.trial import TrialState
 
 from bench.data import Splits
-from bench.models import build_model, count_parameters
+from bench.models import build_seeded_model, count_parameters
 from bench.space import Param, TrainConfig, config_from_params, suggest
 from bench.train import Diverged, FitResult, Member, fit_pack, resolve_device
 
@@ -93,9 +93,8 @@ class Objective:
         params = suggest(trial, self.space, grid_only=self.settings.grid_only)
         cfg = config_from_params(params)
         seed = int(trial.user_attrs.get(Attr.SEED, self.settings.seed + trial.number))
-        torch.manual_seed(seed)
         ds = self.splits.dataset
-        model = build_model(cfg, ds.channels, ds.image_size, len(ds.classes))
+        model = build_seeded_model(cfg, seed, ds)
         for key, value in ((Attr.SEED, seed), (Attr.PARAM_COUNT, count_parameters(model)),
                            (Attr.DEVICE, str(self.device)), (Attr.WORKER, f"{socket.gethostname()}:{os.getpid()}"),
                            (Attr.TRAIN_IMAGES, len(self.splits.train)), (Attr.NUM_CLASSES, len(ds.classes)),
@@ -137,9 +136,7 @@ class Objective:
 
     def rebuild(self, member: Member) -> None:
         """Start a member again from its initial weights (after its pack ran out of memory)."""
-        torch.manual_seed(member.seed)
-        ds = self.splits.dataset
-        member.model = build_model(member.cfg, ds.channels, ds.image_size, len(ds.classes))
+        member.model = build_seeded_model(member.cfg, member.seed, self.splits.dataset)
         member.result, member.error = FitResult(), None
 
     def out_of_memory(self, members: list[Member], exc: BaseException) -> None:

@@ -24,7 +24,7 @@ from tqdm.auto import tqdm
 
 from bench.data import Dataset, _stratified_take, load_dataset, make_splits
 from bench.errors import UsageError, run_cli
-from bench.models import build_model
+from bench.models import build_seeded_model
 from bench.space import BASELINE, TrainConfig
 from bench.train import PRECISIONS, Member, fit, fit_pack, resolve_device
 
@@ -57,8 +57,7 @@ def run_classic(root: Path, dataset: Dataset, cfg: TrainConfig, *, seed: int, de
     if train_subset is not None:  # the same seeded, stratified indices the harness takes
         index = _stratified_take(torch.tensor(train_set.targets), train_subset, torch.Generator().manual_seed(seed))
         train_set = Subset(train_set, index.tolist())
-    torch.manual_seed(seed)
-    model = build_model(cfg, dataset.channels, dataset.image_size, len(dataset.classes)).to(device)
+    model = build_seeded_model(cfg, seed, dataset).to(device)
     train_loader = DataLoader(train_set, batch_size=cfg.batch_size, shuffle=True, num_workers=0)
     test_loader = DataLoader(test_set, batch_size=256, shuffle=False, num_workers=0)
     optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr)
@@ -92,8 +91,7 @@ def run_classic(root: Path, dataset: Dataset, cfg: TrainConfig, *, seed: int, de
 def run_harness(dataset: Dataset, cfg: TrainConfig, *, seed: int, device: torch.device, precision: str,
                 train_subset: int | None, progress: bool) -> PathResult:
     splits = make_splits(dataset, val_split=0, train_subset=train_subset, seed=seed)
-    torch.manual_seed(seed)
-    model = build_model(cfg, dataset.channels, dataset.image_size, len(dataset.classes))
+    model = build_seeded_model(cfg, seed, dataset)
     started = time.perf_counter()
     result = fit(model, splits, cfg, device=device, precision=precision, seed=seed, progress=progress,
                  log=lambda _: None)
@@ -115,10 +113,7 @@ def run_pack(dataset: Dataset, cfg: TrainConfig, members: int, *, device: torch.
              train_subset: int | None, progress: bool, deterministic: bool = False) -> PackResult:
     """K baseline trials (seeds 0..K-1) trained as one pack; K=1 is the solo trial."""
     splits = make_splits(dataset, val_split=0, train_subset=train_subset, seed=0)
-    pack = []
-    for seed in range(members):
-        torch.manual_seed(seed)
-        pack.append(Member(build_model(cfg, dataset.channels, dataset.image_size, len(dataset.classes)), cfg, seed))
+    pack = [Member(build_seeded_model(cfg, seed, dataset), cfg, seed) for seed in range(members)]
     started = time.perf_counter()
     fit_pack(pack, splits, device=device, precision=precision, progress=progress, log=lambda _: None,
              deterministic=deterministic)

@@ -306,11 +306,13 @@ DESIGNED_METHOD = "designed ablation (one factor at a time, seed-paired with the
 
 
 def matrix_frame(trials: pd.DataFrame, *, levels: tuple[Level, ...] = MATRIX_LEVELS,
-                 claims: dict[str, Claim] | None = None, metric: str = "test_acc") -> pd.DataFrame:
+                 claims: dict[str, Claim] | None = None, metric: str = "test_acc",
+                 cells: dict[str, CellData] | None = None) -> pd.DataFrame:
     """The improvement matrix, one row per level: n, mean accuracy, difference from the reference cell
-    (95% t-interval), budget, the assignment's claim and a verdict (designed cells only)."""
+    (95% t-interval), budget, the assignment's claim and a verdict (designed cells only). `cells`: the
+    study's designed_cells when the caller already has them."""
     claims = load_claims() if claims is None else claims
-    cells = designed_cells(trials, metric)
+    cells = designed_cells(trials, metric) if cells is None else cells
     designed = bool(cells)
     by_name = {level.name: level for level in levels}
     space = build_space()
@@ -350,9 +352,10 @@ MATRIX_COLUMNS = [
 ]
 
 
-def baseline_interval(trials: pd.DataFrame, metric: str = "test_acc") -> Interval:
+def baseline_interval(trials: pd.DataFrame, metric: str = "test_acc",
+                      cells: dict[str, CellData] | None = None) -> Interval:
     """Accuracy (in %) of the baseline: the designed baseline cell, else trials with the baseline's settings."""
-    cells = designed_cells(trials, metric)
+    cells = designed_cells(trials, metric) if cells is None else cells
     if cells:
         base = cells.get(BASELINE_CELL)
         return mean_interval(np.array(list(base.values.values()))) if base else NO_DATA
@@ -370,9 +373,10 @@ def baseline_rows(trials: pd.DataFrame) -> pd.Series:
     return mask
 
 
-def cumulative_frame(trials: pd.DataFrame, metric: str = "test_acc") -> pd.DataFrame:
+def cumulative_frame(trials: pd.DataFrame, metric: str = "test_acc",
+                     cells: dict[str, CellData] | None = None) -> pd.DataFrame:
     """The designed cumulative path from the baseline, step by step, in declared order ('cumulative: k. name')."""
-    cells = designed_cells(trials, metric)
+    cells = designed_cells(trials, metric) if cells is None else cells
     steps = sorted(name for name in cells if name.startswith(CUMULATIVE_PREFIX))
     if steps and BASELINE_CELL in cells:
         steps.insert(0, BASELINE_CELL)

@@ -28,10 +28,12 @@ import seaborn as sns  # noqa: E402
 from matplotlib.collections import LineCollection  # noqa: E402
 
 from bench.analysis import (  # noqa: E402
+    CellData,
     baseline_interval,
     baseline_rows,
     csv_frame,
     cumulative_frame,
+    designed_cells,
     matrix_frame,
     param_importances,
     pareto_front_rows,
@@ -199,7 +201,6 @@ table.summary td{overflow-wrap:anywhere}
 .banner{background:#fff3cd;border:1px solid #e0c36a;padding:.5rem .75rem}
 th{background:#f3f3f3}img{max-width:100%;border:1px solid #eee;margin:.5rem 0}.muted{color:#777}
 .supported{background:#e3f6e3}.contradicted{background:#fbe3e3}.inconclusive{background:#fff7dc}
-td.nd{color:#777}
 """
 
 
@@ -213,8 +214,12 @@ def _png(fig: Figure) -> bytes:
 DASH = "\u2014"
 
 
+def _missing(v: object) -> bool:
+    return v is None or (isinstance(v, float) and np.isnan(v))
+
+
 def _fmt(v: object, digits: int = 2) -> str:
-    if v is None or (isinstance(v, float) and np.isnan(v)):
+    if _missing(v):
         return DASH
     if isinstance(v, float):
         return f"{v:.{digits}f}"
@@ -242,16 +247,15 @@ def ci_text(mean: float, low: float, high: float, n: int, *, signed: bool = Fals
 
 
 def _count(v: object) -> int:
-    return 0 if v is None or (isinstance(v, float) and np.isnan(v)) else int(v)
+    return 0 if _missing(v) else int(v)
 
 
-def _budget_text(row: pd.Series) -> str:
-    if not np.isfinite(row.get("epochs", np.nan)):
+def _budget_text(epochs: object, reference_epochs: object, images: object) -> str:
+    """'20 vs 5 ep, 50,000 img' for a run or a claim (the reference's epochs only when they differ)."""
+    if _missing(epochs):
         return DASH
-    epochs = f"{int(row['epochs'])}" + (f" vs {int(row['reference_epochs'])}" if np.isfinite(row.get("reference_epochs", np.nan))
-                                        and row["reference_epochs"] != row["epochs"] else "")
-    images = f"{int(row['train_images']):,}" if np.isfinite(row.get("train_images", np.nan)) else "?"
-    return f"{epochs} ep, {images} img"
+    vs = f" vs {int(reference_epochs)}" if not _missing(reference_epochs) and reference_epochs != epochs else ""
+    return f"{int(epochs)}{vs} ep, " + ("?" if _missing(images) else f"{int(images):,}") + " img"
 
 
 def matrix_display(matrix: pd.DataFrame) -> pd.DataFrame:
@@ -267,15 +271,17 @@ def matrix_display(matrix: pd.DataFrame) -> pd.DataFrame:
         acc = [_fmt(m) for m in matrix["mean_acc"]]
         diff = [DASH if not np.isfinite(d) else f"{d:+.2f} (confounded)" for d in matrix["diff"].astype(float)]
     claim = [DASH if not isinstance(c, str) else c for c in matrix["claim"]]
-    budget_claim = [DASH if not np.isfinite(e) else f"{int(e)}" + (f" vs {int(r)}" if r != e else "") + f" ep, {int(i):,} img"
-                    for e, r, i in zip(matrix["claim_epochs"].astype(float), matrix["claim_reference_epochs"].astype(float),
-                                       matrix["claim_train_images"].astype(float), strict=True)]
     frame = pd.DataFrame({
         "factor": matrix["factor"].astype(str), "level": matrix["level"], "vs": matrix["reference"].fillna(DASH), "n": n_text,
         "test acc % [95% CI]" if designed else "mean test acc %": acc,
         "diff, points [95% CI]" if designed else "diff, points": diff,
-        "budget run": [_budget_text(r) for _, r in matrix.iterrows()], "claim (assignment)": claim,
-        "claim budget": budget_claim, "verdict": matrix["verdict"], "note": matrix["note"].fillna(""),
+        "budget run": [_budget_text(*r) for r in zip(matrix["epochs"].astype(float), matrix["reference_epochs"].astype(float),
+                                                       matrix["train_images"].astype(float), strict=True)],
+        "claim (assignment)": claim,
+        "claim budget": [_budget_text(*r) for r in zip(matrix["claim_epochs"].astype(float),
+                                                       matrix["claim_reference_epochs"].astype(float),
+                                                       matrix["claim_train_images"].astype(float), strict=True)],
+        "verdict": matrix["verdict"], "note": matrix["note"].fillna(""),
     })
     return frame
 
@@ -295,7 +301,7 @@ def budget_text(attrs: dict) -> str:
     return ", ".join(parts) or "not recorded (study made by an older bench)"
 
 
-def summary_items(study: optuna.Study, trials: pd.DataFrame) -> list[tuple[str, str]]:
+def summary_items(study: optuna.Study, trials: pd.DataFrame, cells: dict[str, CellData] | None = None) -> list[tuple[str, str]]:
     attrs = study.user_attrs
     states = trials["state"].value_counts().to_dict()
     done = _done(trials)
@@ -321,7 +327,7 @@ def summary_items(study: optuna.Study, trials: pd.DataFrame) -> list[tuple[str, 
                                     + (f"{best['test_acc'] * 100:.2f}%" if np.isfinite(best["test_acc"]) else DASH)))
         params = study.trials[int(best["number"])].params
         items.append(("best parameters", ", ".join(f"{k}={v}" for k, v in params.items())))
-    base = baseline_interval(trials)
+    base = baseline_interval(trials, cells=cells)
     if np.isfinite(base.mean):
         items.append(("baseline test accuracy, % [95% CI]", ci_text(base.mean, base.low, base.high, base.n) + f", n={base.n}"))
     return items
@@ -334,12 +340,12 @@ def _changes(row: pd.Series, names: list[str]) -> str:
 
 
 def render_html(study: optuna.Study, trials: pd.DataFrame, matrix: pd.DataFrame, cumulative: pd.DataFrame,
-                plots: dict[str, bytes], importance_note: str = "") -> str:
+                plots: dict[str, bytes], importance_note: str = "", cells: dict[str, CellData] | None = None) -> str:
     esc = html.escape
     parts = [f"<!doctype html><html><head><meta charset='utf-8'><title>bench report: {esc(study.study_name)}</title>"
              f"<style>{CSS}</style></head><body><h1>bench report: {esc(study.study_name)}</h1>"]
     parts.append("<h2>Summary</h2><table class='summary'>" + "".join(f"<tr><th>{esc(k)}</th><td>{esc(v)}</td></tr>"
-                                                     for k, v in summary_items(study, trials)) + "</table>")
+                                                     for k, v in summary_items(study, trials, cells)) + "</table>")
     parts.append("<h2>Improvement matrix</h2>")
     if (matrix["n"] > 0).any():
         designed = matrix["method"].iloc[0].startswith("designed")
@@ -408,13 +414,14 @@ def build_plots(study: optuna.Study, trials: pd.DataFrame, matrix: pd.DataFrame,
 def write_report(study: optuna.Study, out: Path, *, fmt: str = "html") -> list[Path]:
     out.mkdir(parents=True, exist_ok=True)
     trials = trials_frame(study)
-    matrix = matrix_frame(trials)
+    cells = designed_cells(trials)  # once: the matrix, the cumulative path and the summary all read it
+    matrix = matrix_frame(trials, cells=cells)
     written = [out / "trials.csv", out / "matrix.csv"]
     csv_frame(trials).to_csv(written[0], index=False)
     matrix.to_csv(written[1], index=False)
     if fmt == "csv":
         return written
-    cumulative = cumulative_frame(trials)
+    cumulative = cumulative_frame(trials, cells=cells)
     if not cumulative.empty:
         cumulative.to_csv(out / "cumulative.csv", index=False)
         written.append(out / "cumulative.csv")
@@ -424,7 +431,7 @@ def write_report(study: optuna.Study, out: Path, *, fmt: str = "html") -> list[P
     for name, png in plots.items():
         (out / f"{name}.png").write_bytes(png)
         written.append(out / f"{name}.png")
-    (out / "index.html").write_text(render_html(study, trials, matrix, cumulative, plots, importance_note), encoding="utf-8")
+    (out / "index.html").write_text(render_html(study, trials, matrix, cumulative, plots, importance_note, cells), encoding="utf-8")
     written.append(out / "index.html")
     return written
 

@@ -130,9 +130,7 @@ class Objective:
                 torch.cuda.empty_cache()
             raise
         except Exception as exc:  # the pack itself failed (not one member's callback): every unfinished member fails
-            for member in members:
-                if not finished(member):
-                    member.error = exc
+            _fail_unfinished(members, exc)
 
     def rebuild(self, member: Member) -> None:
         """Start a member again from its initial weights (after its pack ran out of memory)."""
@@ -140,9 +138,7 @@ class Objective:
         member.result, member.error = FitResult(), None
 
     def out_of_memory(self, members: list[Member], exc: BaseException) -> None:
-        for member in members:
-            if not finished(member):
-                member.error = _OutOfMemory(f"out of memory: {str(exc).splitlines()[0]}")
+        _fail_unfinished(members, _OutOfMemory(f"out of memory: {str(exc).splitlines()[0]}"))
 
     def conclude(self, trial: optuna.Trial, member: Member) -> tuple[TrialState, float | None]:
         """Record what the member measured and cost; the state (and value) to tell Optuna."""
@@ -203,6 +199,11 @@ def record_interrupted(trial: optuna.Trial) -> None:
 
 
 def mark_interrupted(members: list[Member]) -> None:
+    _fail_unfinished(members, _Interrupted("interrupted"))
+
+
+def _fail_unfinished(members: list[Member], error: Exception) -> None:
+    """Members that left with an outcome keep it; every other one ends with `error`."""
     for member in members:
         if not finished(member):
-            member.error = _Interrupted("interrupted")
+            member.error = error

@@ -6,6 +6,8 @@ assert on them rather than on pixels.
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import json
 import math
 from dataclasses import dataclass
@@ -17,9 +19,19 @@ import optuna
 import pandas as pd
 from optuna.distributions import CategoricalDistribution
 
+from bench.design import (
+    BASELINE_CELL,
+    CUMULATIVE_PREFIX,
+    cumulative_steps,
+    inert_techniques,
+    matrix_rows,
+    resolve_reference,
+    tier_reference,
+)
 from bench.objective import Attr
 from bench.space import (
     BASELINE,
+    BUDGET_TIERS,
     CONFIG_FIELDS,
     FACTORS,
     MATRIX_LEVELS,
@@ -30,13 +42,27 @@ from bench.space import (
     config_from_params,
     is_active,
 )
-from bench.stats import MIN_PAIRS, NO_DATA, Interval, mean_interval, paired_diff, welch_diff
-from bench.train import inert_techniques
+from bench.stats import (
+    CONFIDENCE,
+    MIN_PAIRS,
+    NO_DATA,
+    Interval,
+    claim_test,
+    holm,
+    holm_levels,
+    mean_interval,
+    paired_diff,
+    seeds_needed,
+    welch_diff,
+)
 
-BASELINE_CELL = "baseline"
-CUMULATIVE_PREFIX = "cumulative: "
+__all__ = ["BASELINE_CELL", "CUMULATIVE_PREFIX"]  # re-exported: the report and tests name cells through analysis
+
 MAX_ATTEMPTS = 2  # a diverged or failed matrix cell is run once more, then its outcome stands
-MIN_IMPORTANCE_TRIALS = 10  # fANOVA from fewer completed trials ranks noise
+# fANOVA on 10 trials of pure noise scored its top parameter 0.15-0.20 depending on its seed (issue 14's audit);
+# below 30 completed trials the page says why it shows none, and above it shows the spread over 5 fANOVA seeds
+MIN_IMPORTANCE_TRIALS = 30
+IMPORTANCE_SEEDS = 5
 BUDGET_IMAGES_SHARE = 0.9  # a run matches a claim's images from 90% of them (a 10% validation split may be carved)
 
 METRIC_COLUMNS = {  # frame column -> user attribute
@@ -87,21 +113,31 @@ def csv_frame(trials: pd.DataFrame) -> pd.DataFrame:
 
 @dataclass(frozen=True)
 class Budget:
-    epochs: int
-    reference_epochs: int
+    epochs: int | None  # None: the claim names none; bench tests it at each budget tier (the row's epochs)
+    reference_epochs: int | None
     train_images: int
     source: str  # "assignment": named by it; "bench": the assignment names none, bench declares it
+
+    def at(self, tier: int) -> tuple[int, int]:
+        """(epochs, reference epochs) the claim is about when tested at `tier`."""
+        epochs = tier if self.epochs is None else self.epochs
+        return epochs, epochs if self.reference_epochs is None else self.reference_epochs
 
 
 @dataclass(frozen=True)
 class Claim:
     """One claim of the assignment in numeric form (bench/claims.json)."""
 
+    id: str
+    spec: str  # the SPEC claim it encodes (C1-C11)
+    level: str
     text: str
+    reading: str
     measure: str  # "difference" (points vs the reference cell) or "accuracy" (the level's own mean, %)
-    reference: str
+    reference: str | None
     low: float | None
     high: float | None
+    wording: str  # "possible": a best-case phrasing, read (as every such claim) as a claim about the mean
     budget: Budget
 
     @property
@@ -109,14 +145,51 @@ class Claim:
         return self.low is not None or self.high is not None
 
 
-def load_claims() -> dict[str, Claim]:
-    raw = json.loads(resources.files("bench").joinpath("claims.json").read_text())["claims"]
-    claims = {}
-    for name, c in raw.items():
+@dataclass(frozen=True)
+class DataSpec:
+    """The data every claim is about (claims.json 'dataset')."""
+
+    name: str
+    classes: tuple[str, ...]
+    channels: int
+    image_size: tuple[int, int]
+    train_images: int
+
+
+@functools.lru_cache(maxsize=1)
+def _claims_file() -> dict:
+    return json.loads(resources.files("bench").joinpath("claims.json").read_text())
+
+
+def load_claims() -> list[Claim]:
+    claims = []
+    for c in _claims_file()["claims"]:
         b = c["budget"]
         budget = Budget(b["epochs"], b.get("reference_epochs", b["epochs"]), b["train_images"], b["source"])
-        claims[name] = Claim(c["text"], c["measure"], c["reference"], c["low"], c["high"], budget)
+        claims.append(Claim(c["id"], c["spec"], c["level"], c["text"], c["reading"], c["measure"], c["reference"],
+                            c["low"], c["high"], c["wording"], budget))
     return claims
+
+
+def load_data_spec() -> DataSpec:
+    d = _claims_file()["dataset"]
+    return DataSpec(d["name"], tuple(d["classes"]), d["channels"], tuple(d["image_size"]), d["train_images"])
+
+
+DATA_ATTRS = ("bench.data_classes", "bench.data_channels", "bench.data_image_size", "bench.data_train_images")
+
+
+def data_mismatch(attrs: dict[str, Any], spec: DataSpec | None = None) -> str | None:
+    """Why a study's data is not the claims' dataset (None when it is: CIFAR-10, or an ImageFolder copy of it)."""
+    spec = spec or load_data_spec()
+    if not all(key in attrs for key in DATA_ATTRS):
+        return f"claim is about {spec.name}; this study did not record its data (rerun bench.matrix once to record it)"
+    classes, channels = tuple(attrs["bench.data_classes"]), int(attrs["bench.data_channels"])
+    size, images = tuple(attrs["bench.data_image_size"]), int(attrs["bench.data_train_images"])
+    if (classes, channels, size, images) == (spec.classes, spec.channels, spec.image_size, spec.train_images):
+        return None
+    return (f"claim is about {spec.name}; this study's data: {len(classes)} classes, {channels}x{size[0]}x{size[1]}, "
+            f"{images:,} train images")
 
 
 def verdict(low: float, high: float, claim_low: float | None, claim_high: float | None) -> str:
@@ -162,106 +235,179 @@ def settle(kinds: list[str]) -> str:
 
 @dataclass(frozen=True)
 class CellData:
-    """A designed cell's per-seed accuracies (%), diverged seeds counted at chance accuracy."""
+    """A designed cell's per-seed test accuracies (%) of the seeds that trained; diverged and failed seeds listed apart.
+    `budgets`: every (epochs, train images) its settled seeds ran at (more than one: mixed budgets)."""
 
     values: dict[int, float]
-    seeds: int  # seeds with a settled outcome
-    diverged: int
-    failed: int
-    epochs: int | None
-    train_images: int | None
-    config: TrainConfig | None
+    diverged_seeds: tuple[int, ...] = ()
+    failed_seeds: tuple[int, ...] = ()
+    budgets: frozenset[tuple[int, int | None]] = frozenset()
+    config: TrainConfig | None = None
+
+    @property
+    def seeds(self) -> int:
+        return len(self.values) + len(self.diverged_seeds) + len(self.failed_seeds)
+
+    @property
+    def diverged(self) -> int:
+        return len(self.diverged_seeds)
+
+    @property
+    def failed(self) -> int:
+        return len(self.failed_seeds)
+
+    @property
+    def epochs(self) -> int | None:
+        return next(iter(self.budgets))[0] if len(self.budgets) == 1 else None
+
+    @property
+    def train_images(self) -> int | None:
+        return next(iter(self.budgets))[1] if len(self.budgets) == 1 else None
 
 
 def designed_cells(trials: pd.DataFrame, metric: str = "test_acc") -> dict[str, CellData]:
     cells: dict[str, CellData] = {}
     if "cell" not in trials or trials["cell"].isna().all():
         return cells
-    chance = 100 / trials["num_classes"].dropna().max() if trials["num_classes"].notna().any() else math.nan
     names = [p.name for p in build_space()]
     for name, group in trials[trials["cell"].notna()].groupby("cell", sort=False):
         values: dict[int, float] = {}
-        diverged = failed = 0
+        diverged, failed, budgets = [], [], set()
         for seed, attempts in group.groupby("seed"):
             kinds = [attempt_kind(*r) for r in attempts[["state", "stop_reason", "fail_reason"]].itertuples(index=False)]
             outcome = settle(kinds)
+            if outcome not in ("complete", "diverged", "failed"):
+                continue
+            counted = attempts[[k in ("complete", "diverged", "failed") for k in kinds]]
             if outcome == "complete":
-                values[int(seed)] = float(attempts.loc[attempts["state"] == "COMPLETE", metric].iloc[-1] * 100)
-            elif outcome == "diverged":
-                diverged += 1
-                values[int(seed)] = chance
-            elif outcome == "failed":
-                failed += 1
+                counted = counted[counted["state"] == "COMPLETE"].iloc[-1:]
+                values[int(seed)] = float(counted[metric].iloc[0] * 100)
+            else:
+                (diverged if outcome == "diverged" else failed).append(int(seed))
+            for epochs, images in counted[["epochs", "train_images"]].itertuples(index=False):
+                budgets.add((int(epochs), None if pd.isna(images) else int(images)))
         latest = group.sort_values("number").iloc[-1]
-        images = group["train_images"].dropna()
         config = config_from_params({k: latest[k] for k in names}) if all(k in group for k in names) else None
-        cells[str(name)] = CellData(values, len(values) + failed, diverged, failed, int(latest["epochs"]),
-                                    int(images.iloc[-1]) if len(images) else None, config)
+        cells[str(name)] = CellData(values, tuple(sorted(diverged)), tuple(sorted(failed)), frozenset(budgets), config)
     return cells
 
 
 def compare(level: CellData, reference: CellData) -> Interval:
-    """level - reference in points: paired t over shared seeds, Welch where fewer than 2 seeds pair."""
+    """level - reference in points: paired t over the seeds both trained, Welch where fewer than 2 seeds pair.
+    `n` is the number of pairs (0 under Welch: none were used)."""
     shared = sorted(set(level.values) & set(reference.values))
     if len(shared) >= 2:
         return paired_diff(np.array([level.values[s] for s in shared]), np.array([reference.values[s] for s in shared]))
-    return welch_diff(np.array(list(level.values.values())), np.array(list(reference.values.values())))
+    welch = welch_diff(np.array(list(level.values.values())), np.array(list(reference.values.values())))
+    return dataclasses.replace(welch, n=len(shared))
 
 
-def budget_note(claim: Claim, level: CellData, reference: CellData | None) -> str | None:
-    """Why the run's budget is not the claim's (None when it is)."""
+def _budget_text(budgets: frozenset[tuple[int, int | None]]) -> str:
+    return " and ".join(f"{e} epochs on {'unknown' if i is None else f'{i:,}'} images" for e, i in sorted(budgets, key=str))
+
+
+def budget_note(claim: Claim, tier: int, level: CellData, reference: CellData | None) -> str | None:
+    """Why the seeds' budget is not the claim's (None when every seed of the level and of its reference matches)."""
     b = claim.budget
-    ref_epochs = reference.epochs if reference is not None and claim.measure == "difference" else b.reference_epochs
-    images = level.train_images
-    if level.epochs == b.epochs and ref_epochs == b.reference_epochs and images is not None \
-            and images >= BUDGET_IMAGES_SHARE * b.train_images:
-        return None
-    paired = claim.measure == "difference" and (b.epochs != b.reference_epochs or ref_epochs != level.epochs)
-    epochs = f"{level.epochs}" + (f" vs {ref_epochs}" if paired else "")
-    claimed = f"{b.epochs}" + (f" vs {b.reference_epochs}" if b.epochs != b.reference_epochs else "")
-    shown = "unknown" if images is None else f"{images:,}"
-    return (f"ran {epochs} epochs on {shown} train images; the claim is about {claimed} epochs on "
-            f"{b.train_images:,} ({'named by the assignment' if b.source == 'assignment' else 'declared by bench'})")
+    epochs, ref_epochs = b.at(tier)
+    source = "named by the assignment" if b.source == "assignment" else "declared by bench"
+    claimed = f"{epochs}" + (f" vs {ref_epochs}" if claim.measure == "difference" and ref_epochs != epochs else "")
+    about = f"the claim is about {claimed} epochs on {b.train_images:,} images ({source})"
+    checks = [("", level, epochs)] + ([("reference: ", reference, ref_epochs)]
+                                      if claim.measure == "difference" and reference is not None else [])
+    for who, data, want in checks:
+        if len(data.budgets) > 1:
+            return f"{who}seeds ran at mixed budgets ({_budget_text(data.budgets)}); {about}"
+        for e, images in data.budgets:
+            if e != want or images is None or images < BUDGET_IMAGES_SHARE * b.train_images:
+                return f"{who}ran {_budget_text(data.budgets)}; {about}"
+    return None
 
 
 # --- the improvement matrix ------------------------------------------------------------
 
+BASELINE_LEVEL = Level("epochs", BASELINE_CELL, {}, budgets=(BASELINE.epochs,))
+DIVERGED_RULE = ("a t-interval assumes one run-to-run distribution and a diverged run is not from it: the interval "
+                 "covers the seeds that trained, and the row gets no verdict")
 
-def _designed_row(level: Level, cells: dict[str, CellData], claim: Claim | None) -> dict[str, Any]:
-    data = cells.get(level.name)
-    reference_name = claim.reference if claim else BASELINE_CELL
-    reference = cells.get(reference_name)
-    row: dict[str, Any] = {"reference": reference_name}
-    if data is None or not data.values:
-        return row | {"n": 0 if data is None else data.seeds, "verdict": "no data",
+
+def _seed_list(seeds: tuple[int, ...]) -> str:
+    return ("seed " if len(seeds) == 1 else "seeds ") + ", ".join(map(str, seeds))
+
+
+def _designed_row(level: Level, tier: int, cell: str, cells: dict[str, CellData], claim: Claim | None,
+                  data_problem: str | None, levels: tuple[Level, ...]) -> dict[str, Any]:
+    data = cells.get(cell)
+    # at the claim's reference epochs ("20 epochs" is compared with the baseline at 5); an accuracy claim, or a level
+    # with no claim, shows its difference from the baseline recipe at its own tier
+    ref_epochs = claim.budget.at(tier)[1] if claim is not None else tier
+    reference_name = resolve_reference(claim.reference if claim is not None and claim.reference else BASELINE_CELL,
+                                       ref_epochs, levels)
+    reference_name = None if reference_name == cell else reference_name
+    reference = cells.get(reference_name) if reference_name else None
+    row: dict[str, Any] = {"reference": reference_name, "cell": cell, "budget": tier}
+    if data is None or data.seeds == 0:
+        return row | {"n": 0, "verdict": "no data",
                       "note": "no finished seed of this cell" if data else "cell not run in this study"}
     acc = mean_interval(np.array(list(data.values.values())))
     diff = compare(data, reference) if reference is not None and reference.values else NO_DATA
     row |= {"n": data.seeds, "n_reference": reference.seeds if reference else 0, "n_pairs": diff.n,
             "n_diverged": data.diverged, "n_failed": data.failed,
+            "diverged_seeds": ", ".join(map(str, data.diverged_seeds)),
+            "reference_diverged_seeds": ", ".join(map(str, reference.diverged_seeds)) if reference else "",
             "mean_acc": acc.mean, "acc_low": acc.low, "acc_high": acc.high,
             "diff": diff.mean, "diff_low": diff.low, "diff_high": diff.high, "interval": diff.method,
             "epochs": data.epochs, "reference_epochs": reference.epochs if reference else None,
             "train_images": data.train_images}
     judged = acc if claim is not None and claim.measure == "accuracy" else diff
-    inert = inert_techniques(data.config) if data.config is not None else []
-    if claim is None:
-        status, note = "no claim", ""
-    elif inert:
-        status, note = "inert at this budget", "; ".join(inert)
-    elif (why := budget_note(claim, data, reference)) is not None:
-        status, note = "not tested at this budget", why
-    elif not claim.quantified:
-        status, note = "not quantified", "the assignment gives no number to test"
-    elif data.failed:
-        status, note = "incomplete", f"{data.failed} of {data.seeds} seeds failed twice"
-    elif judged.n < MIN_PAIRS:
-        status, note = "too few seeds", f"{judged.n} {'pairs' if judged is diff else 'seeds'}; a verdict needs {MIN_PAIRS}"
-    else:
-        status, note = verdict(judged.low, judged.high, claim.low, claim.high), ""
+    row["half_width"] = judged.half_width
+    notes = []
     if data.diverged:
-        note = f"{data.diverged} of {data.seeds} diverged (counted at chance accuracy)" + (f"; {note}" if note else "")
-    return row | {"verdict": status, "note": note}
+        notes.append(f"{data.diverged} of {data.seeds} diverged ({_seed_list(data.diverged_seeds)})")
+    if reference is not None and reference.diverged and (claim is None or claim.measure == "difference"):
+        notes.append(f"reference {reference_name}: {reference.diverged} of {reference.seeds} diverged "
+                     f"({_seed_list(reference.diverged_seeds)})")
+    bad_ref = reference is not None and claim is not None and claim.measure == "difference"
+    inert = inert_techniques(data.config) if data.config is not None else []
+    test = None
+    if claim is None:
+        status, why = "no claim", ""
+    elif data_problem is not None:
+        status, why = "claim is about CIFAR-10", data_problem
+    elif inert:
+        status, why = "inert at this budget", "; ".join(inert)
+    elif claim.measure == "difference" and (reference is None or not reference.seeds):
+        status, why = "no data", f"reference cell {reference_name} not run in this study"
+    elif (budget := budget_note(claim, tier, data, reference)) is not None:
+        status, why = "not tested at this budget", budget
+    elif not claim.quantified:
+        status, why = "not quantified", "the assignment gives no number to test"
+    elif data.failed or (bad_ref and reference.failed):
+        status, why = "incomplete", "a seed failed twice (level or reference)"
+    elif data.diverged or (bad_ref and reference.diverged):
+        status, why = "no verdict: diverged", DIVERGED_RULE
+    elif judged.n < MIN_PAIRS or (claim.measure == "difference" and judged.method != "paired t"):
+        status, why = "too few seeds", f"{judged.n} {'pairs' if judged is diff else 'seeds'}; a verdict needs {MIN_PAIRS}"
+    elif (test := claim_test(judged, claim.low, claim.high)) is None:
+        status, why = "no verdict: no spread", "identical values on every seed: an interval of zero width says nothing"
+    else:
+        status, why = "pending", ""
+    if test is not None:
+        sd = judged.se * math.sqrt(judged.n)
+        lo = -math.inf if claim.low is None else claim.low
+        hi = math.inf if claim.high is None else claim.high
+        gap = min(judged.mean - lo, hi - judged.mean) if lo <= judged.mean <= hi else max(lo - judged.mean, judged.mean - hi)
+        needed = seeds_needed(sd, gap)
+        row |= {"p_raw": test.p, "direction": test.direction, "seeds_needed": needed}
+        if needed is None or needed > judged.n:
+            notes.append(f"a {'support' if test.direction == 'supported' else 'contradiction'} at 95% needs "
+                         + (f"about {needed} seed pairs" if needed else "more than 1,000 seed pairs")
+                         + f" at the measured spread (sd {sd:.2f})")
+    if claim is not None and claim.wording == "possible" and status not in ("no claim",):
+        notes.append("'possible' claim: read on the mean over seeds")
+    if why:
+        notes.insert(0, why)
+    return row | {"verdict": status, "note": "; ".join(notes)}
 
 
 def _effective_config(level: Level | None) -> TrainConfig:
@@ -302,97 +448,156 @@ def _search_groups(frame: pd.DataFrame, level_cfg: TrainConfig, ref_cfg: TrainCo
 
 SEARCH_METHOD = ("search trials: exploratory. Levels co-vary and TPE chooses each trial from the earlier ones, so "
                  "these are descriptive means with no interval and no verdict; run python -m bench.matrix for verdicts")
-DESIGNED_METHOD = "designed ablation (one factor at a time, seed-paired with the reference cell)"
+DESIGNED_METHOD = "designed ablation (one factor at a time, seed-paired with the reference cell at the same budget tier)"
+
+
+def claims_by_level(claims: list[Claim]) -> dict[str, list[Claim]]:
+    out: dict[str, list[Claim]] = {}
+    for claim in claims:
+        out.setdefault(claim.level, []).append(claim)
+    return out
 
 
 def matrix_frame(trials: pd.DataFrame, *, levels: tuple[Level, ...] = MATRIX_LEVELS,
-                 claims: dict[str, Claim] | None = None, metric: str = "test_acc",
-                 cells: dict[str, CellData] | None = None) -> pd.DataFrame:
-    """The improvement matrix, one row per level: n, mean accuracy, difference from the reference cell
-    (95% t-interval), budget, the assignment's claim and a verdict (designed cells only). `cells`: the
-    study's designed_cells when the caller already has them."""
+                 claims: list[Claim] | None = None, metric: str = "test_acc",
+                 cells: dict[str, CellData] | None = None, data_attrs: dict[str, Any] | None = None,
+                 budgets: tuple[int, ...] = BUDGET_TIERS) -> pd.DataFrame:
+    """The improvement matrix, one row per claim of each level at each budget tier (a level without a claim: one
+    row): n, mean accuracy, difference from the reference cell (95% t-interval), budget, the assignment's claim and a
+    verdict (designed cells only), with Holm's correction across every quantified claim the matrix judges.
+
+    `cells`: the study's designed_cells when the caller already has them; `data_attrs`: the study's user attributes
+    (the data the claims are checked against; without them no verdict is given)."""
     claims = load_claims() if claims is None else claims
     cells = designed_cells(trials, metric) if cells is None else cells
     designed = bool(cells)
-    by_name = {level.name: level for level in levels}
-    space = build_space()
-    done = trials[(trials["state"] == "COMPLETE") & trials[metric].notna()]
+    by_level = claims_by_level(claims)
+    all_levels = ((BASELINE_LEVEL,) if BASELINE_CELL in by_level else ()) + tuple(levels)
+    problem = data_mismatch(data_attrs or {})
     rows = []
-    for level in levels:
-        claim = claims.get(level.name)
-        row: dict[str, Any] = {"factor": level.factor, "level": level.name}
-        if designed:
-            row |= _designed_row(level, cells, claim)
-        else:
-            reference = claim.reference if claim else BASELINE_CELL
-            ref_cfg = _effective_config(by_name.get(reference))
-            is_level, is_ref = _search_groups(done, _effective_config(level), ref_cfg, level.factor, space)
-            acc, ref_acc = done.loc[is_level, metric] * 100, done.loc[is_ref, metric] * 100
-            row |= {"reference": reference, "n": len(acc), "n_reference": len(ref_acc),
-                    "mean_acc": acc.mean() if len(acc) else math.nan,
-                    "diff": acc.mean() - ref_acc.mean() if len(acc) and len(ref_acc) else math.nan,
-                    "verdict": "exploratory", "note": "confounded: descriptive difference of means, no interval"}
-        if claim is not None:
-            b = claim.budget
-            row |= {"claim": claim.text, "claim_measure": claim.measure, "claim_low": claim.low, "claim_high": claim.high,
-                    "claim_epochs": b.epochs, "claim_reference_epochs": b.reference_epochs,
-                    "claim_train_images": b.train_images, "claim_budget_source": b.source}
-        rows.append(row | {"method": DESIGNED_METHOD if designed else SEARCH_METHOD})
+    if designed:
+        for r in matrix_rows(budgets, all_levels):
+            for claim in by_level.get(r.level.name, [None]):
+                if claim is not None and claim.budget.epochs is not None and claim.budget.epochs != r.budget \
+                        and r.level.budgets is None:
+                    continue  # a claim that names its budget is shown at that tier only
+                row = {"factor": r.level.factor, "level": r.level.name}
+                row |= _designed_row(r.level, r.budget, r.cell, cells, claim, problem, tuple(levels))
+                rows.append(row | _claim_columns(claim, r.budget) | {"method": DESIGNED_METHOD})
+        _apply_holm(rows)
+    else:
+        done = trials[(trials["state"] == "COMPLETE") & trials[metric].notna()]
+        by_name = {level.name: level for level in levels}
+        space = build_space()
+        for level in levels:
+            for claim in by_level.get(level.name, [None]):
+                reference = claim.reference if claim and claim.reference else BASELINE_CELL
+                ref_cfg = _effective_config(by_name.get(reference))
+                is_level, is_ref = _search_groups(done, _effective_config(level), ref_cfg, level.factor, space)
+                acc, ref_acc = done.loc[is_level, metric] * 100, done.loc[is_ref, metric] * 100
+                rows.append({"factor": level.factor, "level": level.name, "reference": reference, "n": len(acc),
+                             "n_reference": len(ref_acc), "mean_acc": acc.mean() if len(acc) else math.nan,
+                             "diff": acc.mean() - ref_acc.mean() if len(acc) and len(ref_acc) else math.nan,
+                             "verdict": "exploratory", "note": "confounded: descriptive difference of means, no interval"}
+                            | _claim_columns(claim, None) | {"method": SEARCH_METHOD})
     frame = pd.DataFrame(rows, columns=MATRIX_COLUMNS)
     frame["n"] = frame["n"].fillna(0).astype(int)
     frame["factor"] = pd.Categorical(frame["factor"], categories=FACTORS, ordered=True)
     return frame.sort_values(["factor"], kind="stable").reset_index(drop=True)
 
 
+def _claim_columns(claim: Claim | None, tier: int | None) -> dict[str, Any]:
+    if claim is None:
+        return {}
+    b = claim.budget
+    epochs, ref_epochs = b.at(tier) if tier is not None else (b.epochs, b.reference_epochs)
+    return {"claim_id": claim.id, "spec": claim.spec, "claim": claim.text, "claim_reading": claim.reading,
+            "claim_wording": claim.wording, "claim_measure": claim.measure, "claim_low": claim.low,
+            "claim_high": claim.high, "claim_epochs": epochs,
+            "claim_reference_epochs": ref_epochs if claim.measure == "difference" else None,
+            "claim_train_images": b.train_images,
+            "claim_budget_source": "named by the assignment" if b.source == "assignment" else "declared by bench"}
+
+
+def _apply_holm(rows: list[dict[str, Any]]) -> None:
+    """Verdicts for the rows that reached a test, at Holm-adjusted levels across all of them."""
+    raw = [r.get("p_raw", math.nan) if r["verdict"] == "pending" else math.nan for r in rows]
+    adjusted, levels = holm(raw), holm_levels(raw)
+    tests = sum(math.isfinite(p) for p in raw)
+    for row, p, level in zip(rows, adjusted, levels, strict=True):
+        if not math.isfinite(p):
+            continue
+        row["p_holm"], row["holm_level"], row["n_tests"] = p, level, tests
+        row["verdict"] = row["direction"] if p <= 1 - CONFIDENCE else "inconclusive"
+        if row["verdict"] == "inconclusive" and row.get("p_raw", 1) <= 1 - CONFIDENCE:
+            row["note"] = "; ".join(x for x in (f"would be {row['direction']} alone at 95% (raw p {row['p_raw']:.3f}); "
+                                                f"not after Holm's correction across {tests} claims", row["note"]) if x)
+
+
 MATRIX_COLUMNS = [
-    "factor", "level", "reference", "n", "n_reference", "n_pairs", "n_diverged", "n_failed",
-    "mean_acc", "acc_low", "acc_high", "diff", "diff_low", "diff_high", "interval", "verdict", "note",
-    "epochs", "reference_epochs", "train_images", "claim", "claim_measure", "claim_low", "claim_high",
+    "factor", "level", "budget", "cell", "reference", "n", "n_reference", "n_pairs", "n_diverged", "n_failed",
+    "diverged_seeds", "reference_diverged_seeds",
+    "mean_acc", "acc_low", "acc_high", "diff", "diff_low", "diff_high", "interval", "half_width", "verdict", "note",
+    "p_raw", "p_holm", "holm_level", "n_tests", "seeds_needed",
+    "epochs", "reference_epochs", "train_images", "claim_id", "spec", "claim", "claim_reading", "claim_wording",
+    "claim_measure", "claim_low", "claim_high",
     "claim_epochs", "claim_reference_epochs", "claim_train_images", "claim_budget_source", "method",
 ]
 
 
 def baseline_interval(trials: pd.DataFrame, metric: str = "test_acc",
                       cells: dict[str, CellData] | None = None) -> Interval:
-    """Accuracy (in %) of the baseline: the designed baseline cell, else trials with the baseline's settings."""
+    """Accuracy (in %) of the baseline: the designed baseline cell, else completed trials with every knob (epochs and
+    batch size included) at the baseline's and the study's most common number of train images, so budgets never pool."""
     cells = designed_cells(trials, metric) if cells is None else cells
     if cells:
         base = cells.get(BASELINE_CELL)
         return mean_interval(np.array(list(base.values.values()))) if base else NO_DATA
     done = trials[(trials["state"] == "COMPLETE") & trials[metric].notna()]
-    return mean_interval(done.loc[baseline_rows(done), metric].to_numpy() * 100)
+    rows = done[baseline_rows(done)]
+    if rows.empty:
+        return NO_DATA
+    images = rows["train_images"].mode(dropna=False)
+    rows = rows[rows["train_images"] == images.iloc[0]] if images.notna().any() else rows
+    return mean_interval(rows[metric].to_numpy() * 100)
 
 
 def baseline_rows(trials: pd.DataFrame) -> pd.Series:
-    """Trials whose every searched knob but epochs equals the baseline's."""
-    names = [p.name for p in build_space() if p.factor != "epochs"]
+    """Trials whose every searched knob (epochs and batch size included) equals the baseline's."""
     base = BASELINE.__dict__
     mask = pd.Series(True, index=trials.index)
-    for name in names:
+    for name in (p.name for p in build_space()):
         mask &= trials[name] == base[name]
     return mask
 
 
 def cumulative_frame(trials: pd.DataFrame, metric: str = "test_acc",
                      cells: dict[str, CellData] | None = None) -> pd.DataFrame:
-    """The designed cumulative path from the baseline, step by step, in declared order ('cumulative: k. name')."""
+    """The designed cumulative path from the baseline, step by step: each step's accuracy and its paired
+    difference from the step before (a step shared with a matrix cell reads that cell)."""
     cells = designed_cells(trials, metric) if cells is None else cells
-    steps = sorted(name for name in cells if name.startswith(CUMULATIVE_PREFIX))
-    if steps and BASELINE_CELL in cells:
-        steps.insert(0, BASELINE_CELL)
-    rows = []
-    for step in steps:
-        data = cells[step]
+    rows, previous = [], None
+    for step in cumulative_steps():
+        data = cells.get(step.cell)
+        if data is None or not data.values:
+            previous = None
+            continue
         ci = mean_interval(np.array(list(data.values.values())))
-        rows.append({"step": step.removeprefix(CUMULATIVE_PREFIX), "n": data.seeds, "n_diverged": data.diverged,
-                     "epochs": data.epochs, "mean_acc": ci.mean, "acc_low": ci.low, "acc_high": ci.high})
-    return pd.DataFrame(rows, columns=["step", "n", "n_diverged", "epochs", "mean_acc", "acc_low", "acc_high"])
+        diff = compare(data, previous) if previous is not None and previous.values else NO_DATA
+        rows.append({"step": step.label, "cell": step.cell, "n": data.seeds, "n_diverged": data.diverged,
+                     "epochs": data.epochs, "mean_acc": ci.mean, "acc_low": ci.low, "acc_high": ci.high,
+                     "step_diff": diff.mean, "step_low": diff.low, "step_high": diff.high, "n_pairs": diff.n})
+        previous = data
+    return pd.DataFrame(rows, columns=["step", "cell", "n", "n_diverged", "epochs", "mean_acc", "acc_low", "acc_high",
+                                       "step_diff", "step_low", "step_high", "n_pairs"])
 
 
 def pareto_front_rows(trials: pd.DataFrame) -> pd.DataFrame:
-    """Completed trials no other beats on both test accuracy (higher) and train seconds (lower)."""
-    done = trials[trials["state"] == "COMPLETE"].dropna(subset=["test_acc", "train_seconds"])
-    ordered = done.sort_values(["train_seconds", "test_acc"], ascending=[True, False])
+    """Completed trials no other beats on both test accuracy (higher) and its share of train seconds (lower).
+    A packed trial is charged its share of the pack's wall time (seconds / pack size)."""
+    done = trials[trials["state"] == "COMPLETE"].dropna(subset=["test_acc", "train_seconds"]).copy()
+    done["cost_seconds"] = done["train_seconds"] / pd.to_numeric(done["pack_size"], errors="coerce").fillna(1).clip(lower=1)
+    ordered = done.sort_values(["cost_seconds", "test_acc"], ascending=[True, False])
     front, best = [], -np.inf
     for idx, acc in ordered["test_acc"].items():
         if acc > best:
@@ -401,17 +606,26 @@ def pareto_front_rows(trials: pd.DataFrame) -> pd.DataFrame:
     return ordered.loc[front]
 
 
-def param_importances(study: optuna.Study) -> tuple[dict[str, float], str]:
-    """fANOVA importances with a fixed seed, or empty with the reason (fewer than MIN_IMPORTANCE_TRIALS completed)."""
+def param_importances(study: optuna.Study, *, designed: bool = False) -> tuple[dict[str, tuple[float, float, float]], str]:
+    """fANOVA importances as (mean, min, max) over IMPORTANCE_SEEDS fitting seeds, or empty with the reason: too few
+    completed trials, or a designed study (its knobs change together in cells by design, so the ranking would
+    describe the design, not the knobs)."""
+    if designed:
+        return {}, ("parameter importance is left out for designed studies: knobs change together within cells by design, "
+                    "so fANOVA would rank the design; read the matrix instead")
     complete = [t for t in study.get_trials(deepcopy=False) if t.state.name == "COMPLETE"]
     if len(complete) < MIN_IMPORTANCE_TRIALS:
         return {}, (f"parameter importance needs at least {MIN_IMPORTANCE_TRIALS} completed trials (this study has "
                     f"{len(complete)}); fewer would rank noise")
-    try:  # Optuna scores the parameters every completed trial has (conditional ones drop out)
-        scores = optuna.importance.get_param_importances(
-            study, evaluator=optuna.importance.FanovaImportanceEvaluator(seed=0))
-    except (RuntimeError, ValueError) as exc:  # e.g. no parameter common to all completed trials
-        return {}, f"parameter importance could not be fitted ({exc})"
-    if not scores:
+    runs: list[dict[str, float]] = []
+    for seed in range(IMPORTANCE_SEEDS):
+        try:  # Optuna scores the parameters every completed trial has (conditional ones drop out)
+            runs.append(optuna.importance.get_param_importances(
+                study, evaluator=optuna.importance.FanovaImportanceEvaluator(seed=seed)))
+        except (RuntimeError, ValueError) as exc:  # e.g. no parameter common to all completed trials
+            return {}, f"parameter importance could not be fitted ({exc})"
+    names = sorted({k for run in runs for k in run})
+    if not names:
         return {}, "parameter importance: no parameter varies across the completed trials"
-    return {k: float(v) for k, v in scores.items()}, ""
+    scores = {k: [float(run.get(k, 0.0)) for run in runs] for k in names}
+    return {k: (float(np.mean(v)), min(v), max(v)) for k, v in scores.items()}, ""

@@ -1,26 +1,30 @@
 """`python -m bench.matrix`: the improvement matrix as a designed, seeded experiment.
 
-Cells (all generated from bench.space's MATRIX_LEVELS and CUMULATIVE_PATH): the baseline,
-each level changed alone from the baseline, and the cumulative path; every cell repeated
-with --seeds K seeds. Cells are enqueued as fixed trials in one Optuna study, so reruns
-skip what is finished and the report reads the cells back from the trials.
+Cells (bench.design, from bench.space's MATRIX_LEVELS and CUMULATIVE_PATH): per budget tier
+(--budgets, default 5,20 epochs) the baseline recipe and each level changed alone from it, the
+levels whose claims name a budget at that budget only, and the cumulative path; every cell
+repeated with --seeds K seeds. Cells are enqueued as fixed trials in one Optuna study, so reruns
+skip what is finished and the report reads the cells back from the trials. Long designs run in
+pieces: --stop-after MINUTES ends after the running cell; the same command continues.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import signal
 import sys
+import time
 from collections.abc import Sequence
-from dataclasses import dataclass
 from typing import Any
 
 import optuna
 from optuna.trial import TrialState
 
-from bench.analysis import BASELINE_CELL, CUMULATIVE_PREFIX, MAX_ATTEMPTS, attempt_kind, settle
+from bench.analysis import attempt_kind, settle
 from bench.checkpoint import KEEP_POLICIES, CheckpointSink, artifact_dir, open_store
+from bench.design import Cell, design, parse_budgets, select
 from bench.errors import UsageError, redact, run_cli
 from bench.locks import RunLock, TrialGate, storage_file
 from bench.objective import Attr, Objective, TrialSettings
@@ -35,88 +39,128 @@ from bench.run import (
     study_meta,
     trial_line,
 )
-from bench.space import BASELINE, CUMULATIVE_PATH, MATRIX_LEVELS, Level, TrainConfig, build_space, params_for_config
+from bench.space import BUDGET_TIERS, build_space, params_for_config
 from bench.study import default_storage, fail_orphans, open_storage, open_study, run_trials
 from bench.train import resolve_device
-
-
-@dataclass(frozen=True)
-class Cell:
-    name: str
-    factor: str
-    config: TrainConfig
-    seed: int
-
-
-def scale_epochs(cfg: TrainConfig, scale: float) -> TrainConfig:
-    return cfg.replace(epochs=max(1, round(cfg.epochs * scale)))
-
-
-def design(levels: Sequence[Level] = MATRIX_LEVELS, cumulative: Sequence[tuple[str, Sequence[str]]] = CUMULATIVE_PATH,
-           *, seeds: Sequence[int] = (0, 1, 2), epochs_scale: float = 1.0, base: TrainConfig = BASELINE) -> list[Cell]:
-    """Every cell x seed, in run order: baseline, one-factor-at-a-time levels, then the cumulative path."""
-    by_name = {level.name: level for level in levels}
-    groups: list[tuple[str, str, TrainConfig]] = [(BASELINE_CELL, "baseline", base)]
-    groups += [(level.name, level.factor, base.replace(**level.changes)) for level in levels]
-    changes: dict[str, Any] = {}
-    for k, (step, names) in enumerate(cumulative, start=1):
-        missing = [n for n in names if n not in by_name]
-        if missing:
-            raise ValueError(f"cumulative step {step!r} names unknown levels: {missing}")
-        for name in names:
-            changes |= by_name[name].changes
-        groups.append((f"{CUMULATIVE_PREFIX}{k:02d}. {step}", "cumulative", base.replace(**changes)))
-    return [Cell(name, factor, scale_epochs(cfg, epochs_scale), seed) for name, factor, cfg in groups for seed in seeds]
 
 
 def pending(cells: Sequence[Cell], study: optuna.Study) -> list[Cell]:
     """Cells to enqueue: no finished, waiting or running attempt. Interrupted or orphaned attempts are run
     again; a diverged or failed one is run once more, and after that its outcome stands (bench.analysis.settle)."""
-    kinds: dict[tuple[Any, Any], list[str]] = {}
-    for t in study.get_trials(deepcopy=False):
-        a = t.user_attrs
-        key = (a.get(Attr.CELL), a.get(Attr.SEED))
-        kinds.setdefault(key, []).append(attempt_kind(t.state.name, a.get(Attr.STOP_REASON), a.get(Attr.FAIL_REASON)))
+    kinds = _attempts(study)
     return [c for c in cells if settle(kinds.get((c.name, c.seed), [])) == "todo"]
 
 
 def describe(cells: Sequence[Cell], train_images: int, done: int) -> list[str]:
+    """The design as a table, tier by tier, with each tier's compute (epochs x images)."""
     names = list(dict.fromkeys(c.name for c in cells))
-    lines = [f"{'cell':<40} {'factor':<13} {'epochs':>6} {'seeds':>5}"]
+    lines = [f"{'cell':<44} {'factor':<13} {'tier':>4} {'epochs':>6} {'seeds':>5}"]
     for name in names:
         group = [c for c in cells if c.name == name]
-        lines.append(f"{name:<40} {group[0].factor:<13} {group[0].config.epochs:>6} {len(group):>5}")
-    epoch_images = sum(c.config.epochs for c in cells) * train_images
+        lines.append(f"{name:<44} {group[0].factor:<13} {group[0].budget:>4} {group[0].config.epochs:>6} {len(group):>5}")
+    for tier in sorted({c.budget for c in cells}):
+        in_tier = [c for c in cells if c.budget == tier]
+        lines.append(f"tier {tier} epochs: {len({c.name for c in in_tier})} cells, {len(in_tier)} trials, "
+                     f"{sum(c.config.epochs for c in in_tier) * train_images:,} training images")
     lines.append(f"{len(names)} cells, {len(cells)} trials ({done} already finished); "
-                 f"estimated compute: {epoch_images:,} training images (epochs x images)")
+                 f"estimated compute: {sum(c.config.epochs for c in cells) * train_images:,} training images (epochs x images)")
     return lines
 
 
+def _duration(seconds: float) -> str:
+    minutes = round(seconds / 60)
+    return f"{minutes // 60} h {minutes % 60:02d} min" if minutes >= 60 else f"{minutes} min"
+
+
+class Progress:
+    """Overall progress of the design: trials settled, training images done, and the time left at this run's pace."""
+
+    def __init__(self, cells: Sequence[Cell], train_images: int, study: optuna.Study):
+        self.cells, self.train_images = list(cells), train_images
+        self.started = time.monotonic()
+        self.images_at_start = self.done_images(study)[1]
+
+    def done_images(self, study: optuna.Study) -> tuple[int, int]:
+        todo = {(c.name, c.seed) for c in pending_or_active(self.cells, study)}
+        done = [c for c in self.cells if (c.name, c.seed) not in todo]
+        return len(done), sum(c.config.epochs for c in done) * self.train_images
+
+    def line(self, study: optuna.Study) -> str:
+        done, images = self.done_images(study)
+        total = sum(c.config.epochs for c in self.cells) * self.train_images
+        elapsed = time.monotonic() - self.started
+        pace = (images - self.images_at_start) / elapsed if elapsed > 0 else 0.0
+        left = f", about {_duration((total - images) / pace)} left at {pace:,.0f} images/s" if pace > 0 and images < total else ""
+        return (f"[matrix] {done} of {len(self.cells)} trials done, {images / 1e6:.1f}M of {total / 1e6:.1f}M "
+                f"training images{left}")
+
+
+def pending_or_active(cells: Sequence[Cell], study: optuna.Study) -> list[Cell]:
+    """Cells with no settled outcome yet (to run, waiting or running)."""
+    kinds = _attempts(study)
+    return [c for c in cells if settle(kinds.get((c.name, c.seed), [])) in ("todo", "active")]
+
+
 def run_cells(study: optuna.Study, cells: Sequence[Cell], space: tuple, *, objective: Objective, gate: TrialGate,
-              fail_left_running: bool) -> int:
-    """Enqueue the missing cells and run them; a second round reruns once those that diverged or failed."""
+              fail_left_running: bool, train_images: int, stop_after: float | None = None) -> int:
+    """Run the cells one trial at a time (enqueued just before it runs, so --only and --stop-after leave nothing
+    queued); a diverged or failed cell is run once more (bench.analysis.settle). With `stop_after` (seconds) no
+    trial starts after that time; the running one finishes and is recorded."""
     if fail_left_running:
         with gate:
-            fail_orphans(study, "found running at start")
-    report = lambda s, t: print(f"{t.user_attrs.get(Attr.CELL, '?'):<40} seed={t.user_attrs.get(Attr.SEED)} {trial_line(t)}", flush=True)  # noqa: E731
+            fail_orphans(study, "found running at start", requeue=False)
+    progress = Progress(cells, train_images, study)
+
+    def report(s: optuna.Study, t: optuna.trial.FrozenTrial) -> None:
+        print(f"{t.user_attrs.get(Attr.CELL, '?'):<44} seed={t.user_attrs.get(Attr.SEED)} {trial_line(t)}", flush=True)
+        print(progress.line(s), flush=True)
+
     signal.signal(signal.SIGTERM, raise_interrupt)
-    for _ in range(MAX_ATTEMPTS):
-        with gate:  # two matrix processes on one study: the second sees the first's cells and enqueues none twice
+    deadline = None if stop_after is None else time.monotonic() + stop_after
+    while True:
+        with gate:  # two matrix processes on one study: the second sees the first's cell and does not enqueue it again
             todo = pending(cells, study)
-            for cell in todo:
+            waiting = study.get_trials(deepcopy=False, states=(TrialState.WAITING,))
+            if not todo and not waiting:
+                return 0
+            stopping = deadline is not None and time.monotonic() >= deadline
+            if not stopping and not waiting:
+                cell = todo[0]
                 study.enqueue_trial(params_for_config(cell.config, space), user_attrs={Attr.CELL: cell.name, Attr.SEED: cell.seed})
-        waiting = len(study.get_trials(deepcopy=False, states=(TrialState.WAITING,)))
-        if not waiting:
-            break
-        print(f"{len(todo)} cells enqueued; {waiting} waiting to run", flush=True)
+        if stopping:
+            left = pending_or_active(cells, study)
+            names = {c.name for c in cells}
+            done_cells = len(names - {c.name for c in left})
+            print(f"stopped after {stop_after / 60:g} min (--stop-after): {done_cells} of {len(names)} cells done "
+                  f"({len(cells) - len(left)} of {len(cells)} trials); rerun the same command to continue", flush=True)
+            return 0
         try:
-            run_trials(study, objective, None, gate=gate, callbacks=[report])
+            remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
+            run_trials(study, objective, None, gate=gate, callbacks=[report], timeout=remaining, max_trials=1)
         except KeyboardInterrupt:
             print("interrupted: the running cell is recorded as failed (interrupted); rerun the same command to finish "
                   "the matrix", file=sys.stderr)
             print_summary(study)
             return INTERRUPTED_EXIT
-    return 0
+
+
+def _attempts(study: optuna.Study) -> dict[tuple[Any, Any], list[str]]:
+    kinds: dict[tuple[Any, Any], list[str]] = {}
+    for t in study.get_trials(deepcopy=False):
+        a = t.user_attrs
+        key = (a.get(Attr.CELL), a.get(Attr.SEED))
+        kinds.setdefault(key, []).append(attempt_kind(t.state.name, a.get(Attr.STOP_REASON), a.get(Attr.FAIL_REASON)))
+    return kinds
+
+
+def minutes(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--stop-after takes minutes (a number), got {text!r}") from None
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"--stop-after must be more than 0 minutes, got {text!r}")
+    return value
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -127,9 +171,16 @@ def build_parser() -> argparse.ArgumentParser:
     g = parser.add_argument_group("design")
     g.add_argument("--seeds", type=int, default=5,
                    help="repeats of every cell, seeds SEED..SEED+K-1; a verdict needs 3 seed pairs (default: 5)")
+    g.add_argument("--budgets", default=",".join(map(str, BUDGET_TIERS)),
+                   help="budget tiers in epochs: levels whose claims name no budget run at each, against the baseline "
+                        f"recipe at the same epochs (default: {','.join(map(str, BUDGET_TIERS))})")
+    g.add_argument("--only", default=None, metavar="NAME[,NAME...]",
+                   help="run part of the design: cells, levels (every tier of one) or factors (see --dry-run)")
     g.add_argument("--epochs-scale", type=float, default=1.0,
                    help="multiply every cell's epochs (0.25 turns 5/20 into 1/5); the report states it (default: 1)")
     g.add_argument("--max-epochs", type=int, default=30, help="cap on any cell's epochs (default: 30)")
+    g.add_argument("--stop-after", type=minutes, default=None, metavar="MINUTES",
+                   help="start no trial after this many minutes; the running one finishes (rerun to continue)")
     g.add_argument("--force", action="store_true", help="add to a study made with another dataset or split")
     g.add_argument("--dry-run", action="store_true", help="list the cells and the estimated compute, train nothing")
     g.add_argument("--keep-models", choices=KEEP_POLICIES, default="best", help="(default: best)")
@@ -148,11 +199,25 @@ def main(argv: Sequence[str] | None = None) -> int:
         raise UsageError(f"--max-epochs must be 1 or more, got {args.max_epochs}")
     if not 0 < args.epochs_scale <= 10:
         raise UsageError(f"--epochs-scale must be in (0, 10], got {args.epochs_scale}")
+    try:
+        budgets = parse_budgets(args.budgets)
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     resolve_device(args.device)
-    cells = design(seeds=range(args.seed, args.seed + args.seeds), epochs_scale=args.epochs_scale)
-    cells = [Cell(c.name, c.factor, c.config.replace(epochs=min(c.config.epochs, args.max_epochs)), c.seed) for c in cells]
-    max_epochs = max(c.config.epochs for c in cells)
+    seeds = range(args.seed, args.seed + args.seeds)
+
+    def capped(cells: list[Cell]) -> list[Cell]:
+        return [dataclasses.replace(c, config=c.config.replace(epochs=min(c.config.epochs, args.max_epochs))) for c in cells]
+
+    cells = capped(design(seeds=seeds, budgets=budgets, epochs_scale=args.epochs_scale))
+    try:
+        cells = select(cells, args.only)
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
+    # the space covers the whole default design, so running it in pieces (--budgets, --only) keeps one study space
+    full = capped(design(seeds=seeds, budgets=tuple(sorted(set(BUDGET_TIERS) | set(budgets))), epochs_scale=args.epochs_scale))
+    max_epochs = max(c.config.epochs for c in full)
     storage_url = args.storage or default_storage(args.study_name)
     dataset, splits = load_data_args(args)
     space = build_space(max_epochs)
@@ -168,7 +233,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(f"matrix study {args.study_name!r} ({redact(storage_url)}), data {dataset.name} train={len(splits.train)}")
     print("\n".join(describe(cells, len(splits.train), len(cells) - len(todo))))
     if args.dry_run:
-        print(f"dry run: {len(todo)} trials would be enqueued; nothing was written")
+        print(f"dry run: {len(todo)} trials would run; nothing was written")
         return 0
     meta = study_meta(args, dataset, space)
     study, is_new = open_study(args.study_name, storage, sampler=optuna.samplers.RandomSampler(seed=args.seed),
@@ -184,6 +249,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         study.set_user_attr("bench.design", "matrix")
     for key, value in design_attrs.items():
         study.set_user_attr(key, value)
+    study.set_user_attr("bench.budgets", sorted(set(study.user_attrs.get("bench.budgets", [])) | set(budgets)))
     record_budget(study, splits)
     run_lock = RunLock(storage_url, args.study_name)
     alone = run_lock.try_acquire()  # alone on this file storage: RUNNING cells were left by a killed run
@@ -193,7 +259,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                                          progress=not args.quiet, compile_model=args.compile,
                                          deterministic=args.deterministic),
             on_model=CheckpointSink(open_store(artifact_dir(storage_url, args.study_name)), storage, args.keep_models,
-                                    dataset)), gate=TrialGate(storage_url, args.study_name), fail_left_running=alone)
+                                    dataset)), gate=TrialGate(storage_url, args.study_name), fail_left_running=alone,
+            train_images=len(splits.train), stop_after=None if args.stop_after is None else args.stop_after * 60)
     finally:
         run_lock.release()
     if code:

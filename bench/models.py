@@ -58,7 +58,35 @@ class ConvNet(nn.Module):
         return self.classifier(self.features(x))
 
 
+def _assignment_block(in_channels: int, cfg: TrainConfig) -> list[nn.Module]:
+    """The block the assignment prints with its "improved" model (SPEC C10): Conv(in,32)-BN-ReLU, Conv(32,64)-BN-ReLU,
+    MaxPool, Conv(64,128)-ReLU-Dropout(p), MaxPool. BatchNorm and the dropout follow `cfg` (the cell with both is the
+    printed block); `width` scales the channels as for the stages."""
+    c1, c2, c3 = (max(8, round(base * cfg.width)) for base in BASE_CHANNELS[:3])
+    norm = (lambda c: [nn.BatchNorm2d(c)]) if cfg.batch_norm else (lambda c: [])
+    return [
+        nn.Conv2d(in_channels, c1, 3, padding=1), *norm(c1), nn.ReLU(inplace=True),
+        nn.Conv2d(c1, c2, 3, padding=1), *norm(c2), nn.ReLU(inplace=True), nn.MaxPool2d(2),
+        nn.Conv2d(c2, c3, 3, padding=1), nn.ReLU(inplace=True), nn.Dropout(feature_dropout(cfg)), nn.MaxPool2d(2),
+    ]
+
+
+def feature_dropout(cfg: TrainConfig) -> float:
+    """Dropout inside the conv features: the assignment's block has it after its third conv."""
+    return cfg.dropout if cfg.conv_layout == "assignment" else 0.0
+
+
+def head_dropout(cfg: TrainConfig) -> float:
+    """Dropout in the classifier: the stages layout puts it there; the assignment's block has none in its head."""
+    return 0.0 if cfg.conv_layout == "assignment" else cfg.dropout
+
+
 def build_model(cfg: TrainConfig, in_channels: int, image_size: tuple[int, int], num_classes: int) -> ConvNet:
+    if cfg.conv_layout == "assignment":
+        return _with_classifier(nn.Sequential(*_assignment_block(in_channels, cfg), nn.Flatten()), cfg, in_channels,
+                                image_size, num_classes)
+    if cfg.conv_layout != "stages":
+        raise ValueError(f"unknown conv_layout {cfg.conv_layout!r}")
     blocks = 2 + cfg.extra_blocks
     if blocks > len(BASE_CHANNELS):
         raise ValueError(f"at most {len(BASE_CHANNELS) - 2} extra blocks are supported, got {cfg.extra_blocks}")
@@ -71,13 +99,21 @@ def build_model(cfg: TrainConfig, in_channels: int, image_size: tuple[int, int],
         if pool:
             h, w = h // 2, w // 2
         c_in = c_out
-    features = nn.Sequential(*stages, nn.Flatten())
-    with torch.no_grad():  # classifier input computed from the real feature extractor
-        n_features = features(torch.zeros(1, in_channels, *image_size)).shape[1]
-    head: list[nn.Module] = [nn.Dropout(cfg.dropout)] if cfg.dropout else []
+    return _with_classifier(nn.Sequential(*stages, nn.Flatten()), cfg, in_channels, image_size, num_classes)
+
+
+def _with_classifier(features: nn.Sequential, cfg: TrainConfig, in_channels: int, image_size: tuple[int, int],
+                     num_classes: int) -> ConvNet:
+    # classifier input computed from the real feature extractor, in eval mode: no dropout draw from the global RNG
+    # (the classifier's initial weights come after) and no dummy batch in BatchNorm's running statistics
+    with torch.no_grad():
+        n_features = features.eval()(torch.zeros(1, in_channels, *image_size)).shape[1]
+    features.train()
+    p = head_dropout(cfg)
+    head: list[nn.Module] = [nn.Dropout(p)] if p else []
     if cfg.hidden_units:
         head += [nn.Linear(n_features, cfg.hidden_units), nn.ReLU(inplace=True)]
-        head += [nn.Dropout(cfg.dropout)] if cfg.dropout else []
+        head += [nn.Dropout(p)] if p else []
         head.append(nn.Linear(cfg.hidden_units, num_classes))
     else:
         head.append(nn.Linear(n_features, num_classes))

@@ -20,12 +20,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from bench.models import ConvNet, ResidualBlock
+from bench.models import ConvNet, ResidualBlock, feature_dropout, head_dropout
 from bench.space import TrainConfig
 
 # The fields that change tensor shapes or the graph: only trials that agree on all of them share a pack.
 # Dropout is not one: every packed head has its dropout layers, with p = 0 for members without dropout.
-SHAPE_FIELDS: tuple[str, ...] = ("batch_size", "extra_blocks", "width", "batch_norm", "residual", "hidden_units")
+SHAPE_FIELDS: tuple[str, ...] = ("batch_size", "conv_layout", "extra_blocks", "width", "batch_norm", "residual", "hidden_units")
 
 
 def shape_signature(cfg: TrainConfig) -> tuple:
@@ -109,6 +109,20 @@ class PackedDropout(nn.Module):
         return x * ((u < keep).to(x.dtype) / keep)
 
 
+class PackedFeatureDropout(PackedDropout):
+    """Dropout on conv features [B, K*C, H, W]: member k's mask covers its own [B, C, H, W] channels and comes from
+    its own generator, drawn in the same shape as alone (so a member's masks do not depend on its pack)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training or not any(self.p_list):
+            return x
+        b, kc, h, w = x.shape
+        k = len(self.p_list)
+        keep = self.keep.to(x.device).view(1, k, 1, 1, 1)
+        u = torch.stack([torch.rand((b, kc // k, h, w), device=x.device, generator=g) for g in self.generators], 1)
+        return x * ((u < keep).to(x.dtype) / keep).view(b, kc, h, w)
+
+
 class PackedConvNet(ConvNet):
     """ConvNet of packed layers: [B, K*C_in, H, W] -> logits [K, B, classes]."""
 
@@ -122,7 +136,7 @@ class PackedConvNet(ConvNet):
                 m.generators = list(generators)
 
 
-def _pack_module(mods: Sequence[nn.Module], dropout: Sequence[float]) -> nn.Module:
+def _pack_module(mods: Sequence[nn.Module], dropout: Sequence[float], features: bool) -> nn.Module:
     first = mods[0]
     if isinstance(first, nn.Conv2d):
         return PackedConv2d(mods)  # type: ignore[arg-type]
@@ -131,26 +145,26 @@ def _pack_module(mods: Sequence[nn.Module], dropout: Sequence[float]) -> nn.Modu
     if isinstance(first, nn.Linear):
         return PackedLinear(mods)  # type: ignore[arg-type]
     if isinstance(first, ResidualBlock):
-        return PackedResidual(_pack_sequential([m.body for m in mods], dropout))  # type: ignore[attr-defined]
+        return PackedResidual(_pack_sequential([m.body for m in mods], dropout, features))  # type: ignore[attr-defined]
     if isinstance(first, nn.Dropout):
-        return PackedDropout(dropout)
+        return PackedFeatureDropout(dropout) if features else PackedDropout(dropout)
     if isinstance(first, nn.Sequential):
-        return _pack_sequential(mods, dropout)
+        return _pack_sequential(mods, dropout, features)
     if isinstance(first, nn.ReLU | nn.MaxPool2d | nn.Identity):
         return first
     raise TypeError(f"no packed form of {type(first).__name__}")
 
 
-def _pack_sequential(seqs: Sequence[nn.Module], dropout: Sequence[float]) -> nn.Sequential:
+def _pack_sequential(seqs: Sequence[nn.Module], dropout: Sequence[float], features: bool) -> nn.Sequential:
     lengths = {len(s) for s in seqs}  # type: ignore[arg-type]
     if len(lengths) != 1:
         raise ValueError("members of a pack must share their architecture (shape_signature)")
-    return nn.Sequential(*(_pack_module(group, dropout) for group in zip(*seqs, strict=True)))
+    return nn.Sequential(*(_pack_module(group, dropout, features) for group in zip(*seqs, strict=True)))
 
 
-def _head_with_dropout(model: ConvNet, cfg: TrainConfig) -> nn.Sequential:
+def _head_with_dropout(model: ConvNet) -> nn.Sequential:
     """The member's classifier with its dropout layers present even at p = 0, so every member has one head shape."""
-    if cfg.dropout:
+    if any(isinstance(layer, nn.Dropout) for layer in model.classifier):
         return model.classifier
     layers: list[nn.Module] = [nn.Dropout(0.0)]
     for layer in model.classifier:
@@ -164,12 +178,12 @@ def pack_models(models: Sequence[ConvNet], configs: Sequence[TrainConfig]) -> Pa
     signatures = {shape_signature(c) for c in configs}
     if len(signatures) != 1:
         raise ValueError(f"a pack needs one shape signature, got {len(signatures)}")
-    dropout = [c.dropout for c in configs]
-    features = _pack_sequential([m.features[:-1] for m in models], dropout)  # all but the Flatten
+    features = _pack_sequential([m.features[:-1] for m in models], [feature_dropout(c) for c in configs],
+                                features=True)  # all but the Flatten
     last_conv = [m for m in models[0].features.modules() if isinstance(m, nn.Conv2d)][-1]
     features.append(PackedFlatten(last_conv.out_channels))
-    heads = [_head_with_dropout(m, c) for m, c in zip(models, configs, strict=True)]
-    return PackedConvNet(features, _pack_sequential(heads, dropout))
+    heads = [_head_with_dropout(m) for m in models]
+    return PackedConvNet(features, _pack_sequential(heads, [head_dropout(c) for c in configs], features=False))
 
 
 def _weight_tensors(module: nn.Module) -> list[torch.Tensor]:

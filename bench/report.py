@@ -28,12 +28,14 @@ import seaborn as sns  # noqa: E402
 from matplotlib.collections import LineCollection  # noqa: E402
 
 from bench.analysis import (  # noqa: E402
+    IMPORTANCE_SEEDS,
     CellData,
     baseline_interval,
     baseline_rows,
     csv_frame,
     cumulative_frame,
     designed_cells,
+    load_data_spec,
     matrix_frame,
     param_importances,
     pareto_front_rows,
@@ -41,11 +43,12 @@ from bench.analysis import (  # noqa: E402
 )
 from bench.errors import UsageError, redact, run_cli  # noqa: E402
 from bench.locks import storage_file  # noqa: E402
-from bench.space import BASELINE, FACTORS, build_space  # noqa: E402
-from bench.stats import MIN_PAIRS, NOISY_HALF_WIDTH_POINTS, binomial_half_width  # noqa: E402
+from bench.space import BASELINE, BUDGET_TIERS, FACTORS, build_space  # noqa: E402
+from bench.stats import MIN_PAIRS, NOISY_HALF_WIDTH_POINTS, binomial_half_width, mean_interval  # noqa: E402
 from bench.study import default_storage, open_storage  # noqa: E402
 
 NOTHING = "nothing to show yet"
+DEFAULT_PARALLEL = [p.name for p in build_space() if p.when is None][:3]  # without importances: the first knobs
 Figure = matplotlib.figure.Figure
 
 
@@ -106,20 +109,22 @@ def plot_matrix(matrix: pd.DataFrame) -> Figure | None:
     return fig
 
 
-def plot_importance(importances: dict[str, float]) -> Figure | None:
+def plot_importance(importances: dict[str, tuple[float, float, float]]) -> Figure | None:
     if not importances:
         return None
-    items = sorted(importances.items(), key=lambda kv: kv[1])[-15:]
+    items = sorted(importances.items(), key=lambda kv: kv[1][0])[-15:]
+    means = np.array([v[0] for _, v in items])
+    err = np.vstack([means - [v[1] for _, v in items], [v[2] for _, v in items] - means])
     fig, ax = plt.subplots(figsize=(7, 0.3 * len(items) + 1.2))
-    ax.barh([k for k, _ in items], [v for _, v in items], color="C2")
-    ax.set(xlabel="importance (fANOVA, seed 0)", title="Parameter importance")
+    ax.barh([k for k, _ in items], means, xerr=err, color="C2", ecolor="0.3", capsize=2)
+    ax.set(xlabel=f"importance (fANOVA: mean, bars span {IMPORTANCE_SEEDS} fitting seeds)", title="Parameter importance")
     fig.tight_layout()
     return fig
 
 
-def plot_parallel(trials: pd.DataFrame, importances: dict[str, float], top: int = 10) -> Figure | None:
+def plot_parallel(trials: pd.DataFrame, importances: dict[str, tuple[float, float, float]], top: int = 10) -> Figure | None:
     done = _done(trials).nlargest(top, "val_acc")
-    names = [k for k in sorted(importances, key=importances.get, reverse=True)][:6] or ["lr", "epochs", "batch_size"]
+    names = [k for k in sorted(importances, key=lambda k: importances[k][0], reverse=True)][:6] or DEFAULT_PARALLEL
     if len(done) < 2:
         return None
     cols = {}
@@ -146,10 +151,13 @@ def plot_pareto(trials: pd.DataFrame) -> Figure | None:
     if done.empty:
         return None
     front = pareto_front_rows(done)
+    cost = done["train_seconds"] / pd.to_numeric(done["pack_size"], errors="coerce").fillna(1).clip(lower=1)
     fig, ax = plt.subplots(figsize=(7, 4))
-    ax.scatter(done["train_seconds"], done["test_acc"] * 100, s=14, alpha=0.6, label="trial")
-    ax.step(front["train_seconds"], front["test_acc"] * 100, where="post", color="C3", marker="o", label="Pareto front")
-    ax.set(xlabel="train seconds", ylabel="test accuracy (%)", title="Accuracy vs compute")
+    ax.scatter(cost, done["test_acc"] * 100, s=14, alpha=0.6, label="trial (one run each)")
+    ax.step(front["cost_seconds"], front["test_acc"] * 100, where="post", color="C3", marker="o",
+            label="Pareto front of single runs")
+    ax.set(xlabel="train seconds (a packed trial: its share of the pack)", ylabel="test accuracy (%)",
+           title="Accuracy vs compute (single runs: each point is one seed)")
     ax.legend(loc="lower right")
     return fig
 
@@ -182,7 +190,7 @@ def plot_cumulative(path: pd.DataFrame) -> Figure | None:
         return None
     fig, ax = plt.subplots(figsize=(8, 4))
     x = np.arange(len(path))
-    ax.step(x, path["mean_acc"], where="mid", color="C0")
+    ax.plot(x, path["mean_acc"], color="C0", alpha=0.5)
     err = np.vstack([(path["mean_acc"] - path["acc_low"]).fillna(0), (path["acc_high"] - path["mean_acc"]).fillna(0)])
     ax.errorbar(x, path["mean_acc"], yerr=err, fmt="o", color="C0", capsize=3)
     ax.set_xticks(x, path["step"], rotation=25, ha="right")
@@ -270,20 +278,24 @@ def matrix_display(matrix: pd.DataFrame) -> pd.DataFrame:
     else:
         acc = [_fmt(m) for m in matrix["mean_acc"]]
         diff = [DASH if not np.isfinite(d) else f"{d:+.2f} (confounded)" for d in matrix["diff"].astype(float)]
-    claim = [DASH if not isinstance(c, str) else c for c in matrix["claim"]]
-    frame = pd.DataFrame({
+    claim = [DASH if not isinstance(c, str) else f"{i}: {c}" + (f" (read: {r})" if isinstance(r, str) else "")
+             for i, c, r in zip(matrix["claim_id"], matrix["claim"], matrix["claim_reading"], strict=True)]
+    columns = {
         "factor": matrix["factor"].astype(str), "level": matrix["level"], "vs": matrix["reference"].fillna(DASH), "n": n_text,
         "test acc % [95% CI]" if designed else "mean test acc %": acc,
         "diff, points [95% CI]" if designed else "diff, points": diff,
-        "budget run": [_budget_text(*r) for r in zip(matrix["epochs"].astype(float), matrix["reference_epochs"].astype(float),
-                                                       matrix["train_images"].astype(float), strict=True)],
-        "claim (assignment)": claim,
-        "claim budget": [_budget_text(*r) for r in zip(matrix["claim_epochs"].astype(float),
-                                                       matrix["claim_reference_epochs"].astype(float),
-                                                       matrix["claim_train_images"].astype(float), strict=True)],
-        "verdict": matrix["verdict"], "note": matrix["note"].fillna(""),
-    })
-    return frame
+    }
+    if designed:
+        columns["resolves +-"] = [DASH if _missing(h) else f"{h:.1f}" for h in matrix["half_width"].astype(float)]
+        columns["budget run"] = [_budget_text(*r) for r in zip(matrix["epochs"].astype(float), matrix["reference_epochs"].astype(float),
+                                                                matrix["train_images"].astype(float), strict=True)]
+    columns["claim (assignment)"] = claim
+    columns["claim budget"] = [DASH if _missing(e) else _budget_text(e, r, i) + f" ({src})" for e, r, i, src in zip(
+        matrix["claim_epochs"].astype(float), matrix["claim_reference_epochs"].astype(float),
+        matrix["claim_train_images"].astype(float), matrix["claim_budget_source"], strict=True)]
+    columns["verdict"] = matrix["verdict"]
+    columns["note"] = matrix["note"].fillna("")
+    return pd.DataFrame(columns)
 
 
 def budget_text(attrs: dict) -> str:
@@ -321,10 +333,19 @@ def summary_items(study: optuna.Study, trials: pd.DataFrame, cells: dict[str, Ce
         items.append(("validation noise", f"one accuracy on {val_images} validation images is +-{half:.1f} points (95%, "
                                           "binomial): trials closer than that are not ranked; use a larger --val-split "
                                           "or bench.matrix"))
+    if cells:
+        best_cell = max((c for c in cells.items() if c[1].values), default=None,
+                        key=lambda kv: float(np.mean(list(kv[1].values.values()))))
+        if best_cell is not None:
+            ci = mean_interval(np.array(list(best_cell[1].values.values())))
+            items.insert(0, ("best cell (mean over seeds)", f"{best_cell[0]}: test " + ci_text(ci.mean, ci.low, ci.high, ci.n)
+                             + f" %, {ci.n} seeds"))
     if not done.empty:
         best = done.loc[done["val_acc"].idxmax()]
-        items.append(("best trial", f"#{best['number']}: val {best['val_acc'] * 100:.2f}%, test "
-                                    + (f"{best['test_acc'] * 100:.2f}%" if np.isfinite(best["test_acc"]) else DASH)))
+        items.append((f"best trial, selected from {len(done)} trials (optimistic)",
+                      f"#{best['number']}: val {best['val_acc'] * 100:.2f}%, test "
+                      + (f"{best['test_acc'] * 100:.2f}%" if np.isfinite(best["test_acc"]) else DASH)
+                      + ": the highest of many noisy runs, so above what this config averages"))
         params = study.trials[int(best["number"])].params
         items.append(("best parameters", ", ".join(f"{k}={v}" for k, v in params.items())))
     base = baseline_interval(trials, cells=cells)
@@ -355,12 +376,22 @@ def render_html(study: optuna.Study, trials: pd.DataFrame, matrix: pd.DataFrame,
                          "budget than their claim (see 'budget run' and 'claim budget') and get no verdict; these are "
                          "not the assignment's numbers.</p>")
         if designed:
+            tests = matrix["n_tests"].dropna()
+            holm_text = (f"{int(tests.iloc[0])} claims reached a test, so each was judged at its Holm-adjusted level "
+                         f"(from {matrix['holm_level'].max() * 100:.2f}% down to 95%; 'p_raw', 'p_holm' and 'holm_level' in "
+                         "matrix.csv): the chance of any false verdict on this page is at most 5%."
+                         if len(tests) else "No claim reached a test here.")
             parts.append(f"<p class='muted'>Method: {esc(matrix['method'].iloc[0])}. Test accuracy in %, mean over seeds "
-                         "with its 95% t-interval; 'diff' is the level minus its reference cell ('vs'), 95% paired "
-                         "t-interval over shared seeds (Welch's where seeds do not pair). Verdict: supported when the "
+                         "with its 95% t-interval; 'diff' is the level minus its reference cell ('vs') at the same budget "
+                         "tier, 95% paired t-interval over the seeds both trained; 'resolves +-' is the interval's "
+                         "half-width, the smallest difference the row can tell from none. Verdict: supported when the "
                          "interval lies inside the claim, contradicted when wholly outside, else inconclusive; given "
-                         f"only with at least {MIN_PAIRS} seed pairs, at the claim's budget, for a claim with numbers. "
-                         "Diverged seeds count at chance accuracy.</p>")
+                         f"only with at least {MIN_PAIRS} seed pairs, on {esc(load_data_spec().name)}, at the claim's "
+                         "budget (named by the assignment, or declared by bench where it names none: each such claim is "
+                         "tested at 5 and at 20 epochs), for a claim with numbers, with no seed diverged or failed in the "
+                         "level or its reference (diverged seeds are named, never dropped silently), and with some "
+                         f"spread between seeds. {esc(holm_text)} 'Possible' claims ('can reach', 'up to') are read "
+                         "on the mean over seeds, as every other claim.</p>")
         else:
             parts.append(f"<p class='banner'>{esc(matrix['method'].iloc[0][0].upper() + matrix['method'].iloc[0][1:])}."
                          "</p>")
@@ -368,9 +399,13 @@ def render_html(study: optuna.Study, trials: pd.DataFrame, matrix: pd.DataFrame,
     else:
         parts.append(f"<p class='muted'>{NOTHING}: no completed trial matches a matrix level.</p>")
     if not cumulative.empty:
-        shown = cumulative.assign(**{"test acc % [95% CI]": [ci_text(m, lo, hi, n) for m, lo, hi, n in zip(
-            cumulative["mean_acc"], cumulative["acc_low"], cumulative["acc_high"], cumulative["n"], strict=True)]})
-        parts.append("<h2>Cumulative path</h2>" + _table(shown[["step", "n", "n_diverged", "epochs", "test acc % [95% CI]"]]))
+        shown = cumulative.assign(**{
+            "test acc % [95% CI]": [ci_text(m, lo, hi, n) for m, lo, hi, n in zip(
+                cumulative["mean_acc"], cumulative["acc_low"], cumulative["acc_high"], cumulative["n"], strict=True)],
+            "change from the step before, points [95% paired CI]": [ci_text(m, lo, hi, _count(n), signed=True) for m, lo, hi, n in zip(
+                cumulative["step_diff"], cumulative["step_low"], cumulative["step_high"], cumulative["n_pairs"], strict=True)]})
+        parts.append("<h2>Cumulative path</h2>" + _table(shown[["step", "cell", "n", "n_diverged", "epochs", "test acc % [95% CI]",
+                                                              "change from the step before, points [95% paired CI]"]]))
     parts.append("<h2>Plots</h2>")
     if not plots:
         parts.append(f"<p class='muted'>{NOTHING}: no completed trial yet.</p>")
@@ -415,7 +450,8 @@ def write_report(study: optuna.Study, out: Path, *, fmt: str = "html") -> list[P
     out.mkdir(parents=True, exist_ok=True)
     trials = trials_frame(study)
     cells = designed_cells(trials)  # once: the matrix, the cumulative path and the summary all read it
-    matrix = matrix_frame(trials, cells=cells)
+    budgets = tuple(sorted(set(BUDGET_TIERS) | set(study.user_attrs.get("bench.budgets", []))))
+    matrix = matrix_frame(trials, cells=cells, data_attrs=study.user_attrs, budgets=budgets)
     written = [out / "trials.csv", out / "matrix.csv"]
     csv_frame(trials).to_csv(written[0], index=False)
     matrix.to_csv(written[1], index=False)
@@ -426,7 +462,7 @@ def write_report(study: optuna.Study, out: Path, *, fmt: str = "html") -> list[P
         cumulative.to_csv(out / "cumulative.csv", index=False)
         written.append(out / "cumulative.csv")
     sns.set_theme(style="whitegrid")
-    importances, importance_note = param_importances(study)
+    importances, importance_note = param_importances(study, designed=bool(cells))
     plots = {name: _png(fig) for name, fig in build_plots(study, trials, matrix, cumulative, importances).items()}
     for name, png in plots.items():
         (out / f"{name}.png").write_bytes(png)

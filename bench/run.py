@@ -110,9 +110,13 @@ def val_noise_note(splits: Splits) -> str:
 
 
 def record_budget(study: optuna.Study, splits: Splits) -> None:
-    """The study's real budget, for the report: images per split and whether validation used the test set."""
+    """The study's real budget and what its data is, for the report: images per split, whether validation used the
+    test set, and the data's classes, image shape and full train size (claims are checked against these)."""
+    ds = splits.dataset
     for key, value in (("bench.train_images", len(splits.train)), ("bench.val_images", len(splits.val)),
-                       ("bench.val_is_test", splits.val_is_test)):
+                       ("bench.val_is_test", splits.val_is_test), ("bench.data_classes", list(ds.classes)),
+                       ("bench.data_channels", ds.channels), ("bench.data_image_size", list(ds.image_size)),
+                       ("bench.data_train_images", len(ds.train))):
         study.set_user_attr(key, value)
 
 

@@ -10,6 +10,7 @@ normal noise at any n >= 2.
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 
@@ -30,10 +31,17 @@ class Interval:
     high: float
     n: int
     method: str
+    se: float = math.nan  # standard error of the mean
+    df: float = math.nan  # the t distribution's degrees of freedom
 
     @property
     def has_interval(self) -> bool:
         return math.isfinite(self.low) and math.isfinite(self.high)
+
+    @property
+    def half_width(self) -> float:
+        """The smallest difference this interval resolves: half its width (NaN without an interval)."""
+        return (self.high - self.low) / 2 if self.has_interval else math.nan
 
 
 NO_DATA = Interval(math.nan, math.nan, math.nan, 0, "no data")
@@ -42,8 +50,16 @@ NO_DATA = Interval(math.nan, math.nan, math.nan, 0, "no data")
 def _t_interval(mean: float, se: float, df: float, n: int, method: str) -> Interval:
     if not df > 0 or not math.isfinite(se):
         return Interval(mean, math.nan, math.nan, n, method)
-    half = float(stats.t.ppf(0.5 + CONFIDENCE / 2, df)) * se
-    return Interval(mean, mean - half, mean + half, n, method)
+    if se == 0:  # identical values: a zero-width interval would claim a certainty the seeds cannot give
+        return Interval(mean, math.nan, math.nan, n, method, 0.0, df)
+    half = _t_quantile(df) * se
+    return Interval(mean, mean - half, mean + half, n, method, se, df)
+
+
+@functools.lru_cache(maxsize=256)
+def _t_quantile(df: float) -> float:
+    """The two-sided CONFIDENCE quantile of t(df); cached (a report asks for the same few df hundreds of times)."""
+    return float(stats.t.ppf(0.5 + CONFIDENCE / 2, df))
 
 
 def _one_sample(x: np.ndarray, method: str) -> Interval:
@@ -77,8 +93,8 @@ def welch_diff(a: np.ndarray, b: np.ndarray) -> Interval:
         return Interval(diff, math.nan, math.nan, n, "Welch t")
     va, vb = a.var(ddof=1) / len(a), b.var(ddof=1) / len(b)
     se2 = va + vb
-    if se2 == 0:
-        return Interval(diff, diff, diff, n, "Welch t")
+    if se2 == 0:  # no spread at all: a zero-width interval would claim certainty the data cannot give
+        return Interval(diff, math.nan, math.nan, n, "Welch t", 0.0, math.nan)
     df = se2**2 / (va**2 / (len(a) - 1) + vb**2 / (len(b) - 1))
     return _t_interval(diff, math.sqrt(se2), df, n, "Welch t")
 
@@ -88,3 +104,70 @@ def binomial_half_width(n: int, p: float = 0.5) -> float:
     if n <= 0:
         return math.inf
     return float(stats.norm.ppf(0.5 + CONFIDENCE / 2)) * math.sqrt(p * (1 - p) / n)
+
+
+# --- claims: verdicts from intervals, corrected for testing many claims at once --------------
+
+
+@dataclass(frozen=True)
+class ClaimTest:
+    """The verdict the data point to for one claim range, and its p-value (two-sided scale: p <= 0.05 exactly
+    when the 95% interval lies inside the range, for 'supported', or wholly outside it, for 'contradicted')."""
+
+    direction: str  # "supported" or "contradicted"
+    p: float
+
+
+def claim_test(est: Interval, low: float | None, high: float | None) -> ClaimTest | None:
+    """None when no test exists: no interval, or an interval of zero width (identical values say nothing)."""
+    if not (math.isfinite(est.se) and est.se > 0 and est.df > 0 and math.isfinite(est.mean)):
+        return None
+    lo = -math.inf if low is None else low
+    hi = math.inf if high is None else high
+    sf = lambda t: float(stats.t.sf(t, est.df))  # noqa: E731 - one-sided tail beyond t
+    m, se = est.mean, est.se
+    if lo <= m <= hi:  # both one-sided tests (TOST) must reject "outside the range"
+        return ClaimTest("supported", min(1.0, 2 * max(sf((m - lo) / se), sf((hi - m) / se))))
+    return ClaimTest("contradicted", min(1.0, 2 * sf(((lo - m) if m < lo else (m - hi)) / se)))
+
+
+def holm(pvalues: list[float]) -> list[float]:
+    """Holm's step-down adjusted p-values (NaN entries are not tested and stay NaN): a claim gets its verdict when its
+    adjusted p is at most 1 - CONFIDENCE, which bounds the chance of any false verdict in the family by that level."""
+    tested = sorted((p, i) for i, p in enumerate(pvalues) if math.isfinite(p))
+    m = len(tested)
+    adjusted = [math.nan] * len(pvalues)
+    running = 0.0
+    for rank, (p, i) in enumerate(tested):
+        running = max(running, min(1.0, (m - rank) * p))
+        adjusted[i] = running
+    return adjusted
+
+
+def holm_levels(pvalues: list[float]) -> list[float]:
+    """The confidence each tested claim is judged at under Holm (1 - alpha / (m - rank)): 95% for the last, higher
+    for the first; NaN where untested."""
+    alpha = 1 - CONFIDENCE
+    tested = sorted((p, i) for i, p in enumerate(pvalues) if math.isfinite(p))
+    levels = [math.nan] * len(pvalues)
+    for rank, (_, i) in enumerate(tested):
+        levels[i] = 1 - alpha / (len(tested) - rank)
+    return levels
+
+
+def seeds_needed(sd: float, half_width: float, *, most: int = 1000) -> int | None:
+    """Seed pairs for a paired t-interval with this sd to be at most `half_width` wide each side (None: more than `most`)."""
+    if not (math.isfinite(sd) and math.isfinite(half_width)) or half_width <= 0:
+        return None
+    if sd == 0:
+        return MIN_PAIRS
+    n, factor = _half_width_factors(most)
+    fits = np.nonzero(factor * sd <= half_width)[0]
+    return int(n[fits[0]]) if len(fits) else None
+
+
+@functools.lru_cache(maxsize=4)
+def _half_width_factors(most: int) -> tuple[np.ndarray, np.ndarray]:
+    """n and t(n-1) / sqrt(n) for n = MIN_PAIRS..most: the half-width of a 95% interval per unit sd."""
+    n = np.arange(MIN_PAIRS, most + 1)
+    return n, stats.t.ppf(0.5 + CONFIDENCE / 2, n - 1) / np.sqrt(n)

@@ -209,36 +209,41 @@ class FailureGuard:
                 study.stop()
 
 
-def fail_orphans(study: optuna.Study, reason: str) -> list[int]:
-    """Fail trials left RUNNING by a dead process and enqueue each again with the same parameters."""
+def fail_orphans(study: optuna.Study, reason: str, *, requeue: bool = True) -> list[int]:
+    """Fail trials left RUNNING by a dead process and (with `requeue`) enqueue each again with the same parameters.
+    A designed matrix does not requeue: it reruns its own cells (bench.matrix.pending) and nothing else."""
     failed = []
     for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
         study.tell(t.number, state=TrialState.FAIL, skip_if_finished=True)
-        keep = {k: v for k, v in t.user_attrs.items() if k in (Attr.CELL, Attr.SEED)}
-        study.enqueue_trial(t.params, user_attrs=keep | {"retry_of": t.number})
+        if requeue:
+            keep = {k: v for k, v in t.user_attrs.items() if k in (Attr.CELL, Attr.SEED)}
+            study.enqueue_trial(t.params, user_attrs=keep | {"retry_of": t.number})
         failed.append(t.number)
     if failed:
-        print(f"trials {failed} were left running by a process that died ({reason}); failed them and queued "
-              "their parameters again")
+        print(f"trials {failed} were left running by a process that died ({reason}); failed them"
+              + (" and queued their parameters again" if requeue else ""))
     return failed
 
 
 def run_trials(study: optuna.Study, objective: Callable[[optuna.Trial], float], target: int | None, *,
                gate: TrialGate, timeout: float | None = None,
                callbacks: Iterable[Callable[[optuna.Study, FrozenTrial], None]] = (),
-               guard: FailureGuard | None = None) -> None:
+               guard: FailureGuard | None = None, max_trials: int | None = None) -> None:
     """Run trials until the study holds `target` finished ones (exactly, across workers) or time is up.
 
     With `target=None`, run only the enqueued (WAITING) trials, never a sampled one: the designed matrix.
-    The check and the trial's creation happen under `gate`, so concurrent processes never overshoot."""
+    `max_trials`: this call runs at most that many. The check and the trial's creation happen under `gate`, so
+    concurrent processes never overshoot."""
     deadline = None if timeout is None else time.monotonic() + timeout
+    ran = 0
 
     def gated(trial: optuna.Trial) -> float:
         gate.release()  # the trial now exists in storage: other workers may count it
         return objective(trial)
 
     callbacks = list(callbacks)
-    while deadline is None or time.monotonic() < deadline:
+    while (deadline is None or time.monotonic() < deadline) and (max_trials is None or ran < max_trials):
+        ran += 1
         gate.acquire()
         try:
             optuna.storages.fail_stale_trials(study)  # heartbeats (RDB): a killed worker's trial fails and is retried

@@ -158,8 +158,8 @@ def build_schedule(cfg: TrainConfig, optimizer: torch.optim.Optimizer, steps_per
     sched = torch.optim.lr_scheduler
     if cfg.scheduler == "none":
         return Schedule(None)
-    if cfg.scheduler == "step":  # the assignment's StepLR: decay 10x twice over the run
-        return Schedule(sched.StepLR(optimizer, step_size=max(1, math.ceil(cfg.epochs / 3)), gamma=0.1))
+    if cfg.scheduler == "step":  # stepped once per epoch, as the assignment's StepLR(opt, step_size, gamma)
+        return Schedule(sched.StepLR(optimizer, step_size=cfg.step_size, gamma=cfg.step_gamma))
     if cfg.scheduler == "cosine":
         return Schedule(sched.CosineAnnealingLR(optimizer, T_max=cfg.epochs))
     if cfg.scheduler == "onecycle":
@@ -170,22 +170,6 @@ def build_schedule(cfg: TrainConfig, optimizer: torch.optim.Optimizer, steps_per
     if cfg.scheduler == "plateau":
         return Schedule(sched.ReduceLROnPlateau(optimizer, mode="max", factor=0.3, patience=1))
     raise ValueError(f"unknown scheduler {cfg.scheduler!r}")
-
-
-# Epochs below which each per-epoch technique cannot change anything. StepLR decays after
-# ceil(E/3) epochs, so at E=1 only after the last one; cosine's first step lands after
-# epoch 1; ReduceLROnPlateau (patience 1) lowers the lr after 3 epochs at the earliest and
-# that only matters from epoch 4. Early stopping with patience p stops after epoch p+1 at
-# the earliest, which cuts training short only when E >= p+2.
-def inert_techniques(cfg: TrainConfig) -> list[str]:
-    """Why each training technique of `cfg` can have no effect at its epoch budget (empty when all can act)."""
-    reasons = []
-    first_effect = {"step": max(1, math.ceil(cfg.epochs / 3)) + 1, "cosine": 2, "plateau": 4}
-    if cfg.scheduler in first_effect and cfg.epochs < first_effect[cfg.scheduler]:
-        reasons.append(f"{cfg.scheduler} scheduler changes the lr only after the last of {cfg.epochs} epoch(s)")
-    if cfg.early_stopping and cfg.epochs < cfg.early_stopping + 2:
-        reasons.append(f"early stopping (patience {cfg.early_stopping}) cannot stop a {cfg.epochs}-epoch run early")
-    return reasons
 
 
 def member_schedule(cfg: TrainConfig, steps_per_epoch: int) -> tuple[torch.optim.Optimizer, Schedule]:
@@ -480,7 +464,7 @@ def _end_epoch(slot: _Slot, epoch: int, train_loss: float, val_acc: float, progr
             slot.best_state = copy.deepcopy(unpack_member(packed, k, m.model).state_dict())
         else:
             slot.stale += 1
-            if slot.stale >= m.cfg.early_stopping:
+            if slot.stale >= m.cfg.early_stopping and epoch < m.cfg.epochs:  # at the last epoch it simply finished
                 result.stop_reason = "early-stopped"
                 return True
     return epoch >= m.cfg.epochs

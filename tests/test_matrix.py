@@ -3,31 +3,50 @@ from __future__ import annotations
 import optuna
 import pytest
 
-from bench.analysis import BASELINE_CELL, CUMULATIVE_PREFIX, matrix_frame, trials_frame
+from bench.analysis import BASELINE_CELL, CUMULATIVE_PREFIX, trials_frame
+from bench.design import cumulative_steps, design, select
 from bench.errors import run_cli
-from bench.matrix import design, main, pending
+from bench.matrix import main, pending
 from bench.space import BASELINE, Level
+from tests.test_report import matrix_of, row
 
 LEVELS = (
     Level("optimizer", "sgd", {"optimizer": "sgd", "lr": 0.01}),
     Level("architecture", "bn", {"batch_norm": True}),
-    Level("epochs", "long", {"epochs": 20}),
+    Level("epochs", "long", {"epochs": 20}, budgets=(20,)),
+    Level("training", "step", {"scheduler": "step"}, at_budget={5: {"step_size": 2}, 20: {"step_size": 10}}),
 )
-PATH = (("+long", ("long",)), ("+sgd+bn", ("sgd", "bn")))
+PATH = (("+long", ("long",)), ("+sgd+bn", ("sgd", "bn")), ("+step", ("step",)))
 
 
-def test_design_cells_seeds_and_cumulative_order():
+def test_design_tiers_cells_seeds_and_cumulative_order():
     cells = design(LEVELS, PATH, seeds=(0, 1))
     names = list(dict.fromkeys(c.name for c in cells))
-    assert names == [BASELINE_CELL, "sgd", "bn", "long", f"{CUMULATIVE_PREFIX}01. +long", f"{CUMULATIVE_PREFIX}02. +sgd+bn"]
-    assert len(cells) == 12 and {c.seed for c in cells} == {0, 1}
+    assert names == [BASELINE_CELL, "sgd", "bn", "step", "long", "sgd @20 ep", "bn @20 ep", "step @20 ep",
+                     f"{CUMULATIVE_PREFIX}02. +sgd+bn", f"{CUMULATIVE_PREFIX}03. +step"]  # step 1 is the "long" cell
+    assert len(cells) == 20 and {c.seed for c in cells} == {0, 1}
     by = {c.name: c.config for c in cells}
-    assert by[BASELINE_CELL] == BASELINE
-    assert by["bn"] == BASELINE.replace(batch_norm=True)  # one factor at a time
-    last = by[f"{CUMULATIVE_PREFIX}02. +sgd+bn"]
-    assert (last.epochs, last.optimizer, last.lr, last.batch_norm) == (20, "sgd", 0.01, True)  # keeps earlier steps
+    assert by[BASELINE_CELL] == BASELINE and by["long"] == BASELINE.replace(epochs=20)
+    assert by["bn"] == BASELINE.replace(batch_norm=True)  # one factor at a time, at the baseline's 5 epochs
+    assert by["bn @20 ep"] == BASELINE.replace(batch_norm=True, epochs=20)  # and against the recipe at 20
+    assert (by["step"].step_size, by["step @20 ep"].step_size) == (2, 10)  # tier-dependent settings
+    last = by[f"{CUMULATIVE_PREFIX}03. +step"]
+    assert (last.epochs, last.optimizer, last.lr, last.batch_norm, last.step_size) == (20, "sgd", 0.01, True, 10)
+    assert {c.budget for c in cells if c.name.startswith(CUMULATIVE_PREFIX)} == {20}
     for a, b in zip(cells[::2], cells[1::2], strict=True):
         assert a.config == b.config and a.seed != b.seed  # same everything but the seed
+    assert [s.cell for s in cumulative_steps(LEVELS, PATH)] == [BASELINE_CELL, "long", f"{CUMULATIVE_PREFIX}02. +sgd+bn",
+                                                                f"{CUMULATIVE_PREFIX}03. +step"]
+
+
+def test_budget_tiers_and_only_select_part_of_the_design():
+    five = design(LEVELS, PATH, seeds=(0,), budgets=(5,))
+    assert [c.name for c in five] == [BASELINE_CELL, "sgd", "bn", "step"]  # no 20-epoch cell, no path
+    cells = design(LEVELS, PATH, seeds=(0,))
+    assert [c.name for c in select(cells, "bn", LEVELS)] == ["bn", "bn @20 ep"]  # a level: every tier of it
+    assert [c.name for c in select(cells, "cumulative", LEVELS)][-1] == f"{CUMULATIVE_PREFIX}03. +step"
+    with pytest.raises(ValueError, match="no cell, level or factor"):
+        select(cells, "nope", LEVELS)
 
 
 def test_epochs_scale():
@@ -60,9 +79,10 @@ def test_run_resume_and_report_rows(rgb_folder, cache_dir, tmp_path, capsys, mon
     assert len(study.trials) == 6
     assert run_cli(main, args) == 0  # resume: everything finished, nothing new
     assert len(optuna.load_study(study_name="m", storage=storage).trials) == 6
-    matrix = matrix_frame(trials_frame(study)).set_index("level")
-    assert matrix.loc["BatchNorm", "n"] == 2 and matrix.loc["MSE", "n"] == 2
+    matrix = matrix_of(study)
+    assert row(matrix, "BatchNorm")["n"] == 2 and row(matrix, "MSE")["n"] == 2
     assert matrix["method"].iloc[0].startswith("designed")
+    assert study.user_attrs["bench.data_classes"] == ["cat", "dog", "frog"]  # the data the claims are checked against
 
 
 def test_pending_reruns_failed_cells_only():
@@ -124,8 +144,8 @@ def test_a_killed_matrix_rerun_finishes_with_exactly_n_seeds_per_cell(rgb_folder
     assert {cell: sorted(seeds) for cell, seeds in _cells(study).items()} == {
         BASELINE_CELL: [0, 1, 2], "BatchNorm": [0, 1, 2], "MSE": [0, 1, 2]}
     assert not study.get_trials(states=(optuna.trial.TrialState.RUNNING, optuna.trial.TrialState.WAITING))
-    matrix = matrix_frame(trials_frame(study)).set_index("level")
-    assert matrix.loc["MSE", "n"] == 3 and matrix.loc["MSE", "n_pairs"] == 3
+    mse = row(matrix_of(study), "MSE")
+    assert mse["n"] == 3 and mse["n_pairs"] == 3
 
 
 def test_a_diverged_cell_is_rerun_once_then_counted_as_diverged(rgb_folder, cache_dir, tmp_path, monkeypatch):
@@ -151,8 +171,9 @@ def test_a_diverged_cell_is_rerun_once_then_counted_as_diverged(rgb_folder, cach
     assert [t.user_attrs[Attr.STOP_REASON] for t in mse] == ["diverged", "diverged"]  # run, and rerun once
     assert run_cli(main, args) == 0  # settled: a third run adds nothing
     assert len(optuna.load_study(study_name="m", storage=storage).trials) == 4
-    row = matrix_frame(trials_frame(study)).set_index("level").loc["MSE"]
-    assert row["n"] == 1 and row["n_diverged"] == 1 and row["mean_acc"] == pytest.approx(100 / 3)  # chance, 3 classes
+    mse_row = row(matrix_of(study), "MSE")  # an outcome, named: no seed trained, so no mean and no verdict
+    assert mse_row["n"] == 1 and mse_row["n_diverged"] == 1 and mse_row["diverged_seeds"] == "0"
+    assert "1 of 1 diverged (seed 0)" in mse_row["note"] and mse_row["verdict"] == "claim is about CIFAR-10"
 
 
 @pytest.mark.parametrize("extra, message", [
@@ -186,3 +207,39 @@ def test_two_concurrent_matrix_runs_leave_no_duplicate_cell(rgb_folder, cache_di
     assert len(study.trials) == len(cells)  # nothing enqueued or run twice
     ran = [sum("seed=0 trial" in line for line in out.splitlines()) for out in outputs]
     assert sum(ran) == len(cells)
+
+
+def test_stop_after_ends_after_the_running_cell_and_the_same_command_completes(rgb_folder, cache_dir, tmp_path,
+                                                                                 monkeypatch, capsys):
+    """--stop-after 2 with every trial taking 50 s (a fake clock): trials start at 0, 50 and 100 s, the third
+    finishes past the 2 minutes and is recorded, then the run exits 0; reruns complete the design, nothing twice."""
+    import types
+
+    import bench.matrix as matrix_module
+    import bench.objective
+    from bench.objective import Attr
+
+    _small_design(monkeypatch)
+    clock = [0.0]
+    monkeypatch.setattr(matrix_module, "time", types.SimpleNamespace(monotonic=lambda: clock[0]))
+    real_fit = bench.objective.fit_pack
+
+    def fifty_seconds(*a, **k):
+        clock[0] += 50.0
+        return real_fit(*a, **k)
+
+    monkeypatch.setattr(bench.objective, "fit_pack", fifty_seconds)
+    args, storage = _matrix_args(rgb_folder, cache_dir, tmp_path)
+    args += ["--stop-after", "2"]
+    for piece in (1, 2, 3):
+        assert run_cli(main, args) == 0
+        out = capsys.readouterr().out
+        study = optuna.load_study(study_name="m", storage=storage)
+        assert [t.state.name for t in study.trials] == ["COMPLETE"] * 3 * piece  # the running cell finished
+        if piece < 3:
+            assert f"{3 * piece} of 9 trials" in out and "rerun the same command to continue" in out
+            assert f"{piece} of 3 cells done" in out
+    assert "[matrix] 9 of 9 trials done" in out and "rerun" not in out
+    runs = [(t.user_attrs[Attr.CELL], t.user_attrs[Attr.SEED]) for t in study.trials]
+    assert len(runs) == len(set(runs)) == 9  # no cell run twice
+    assert run_cli(main, args) == 0 and len(optuna.load_study(study_name="m", storage=storage).trials) == 9

@@ -26,6 +26,22 @@ DISTS = {p.name: p.distribution for p in SPACE}
 
 
 FULL_IMAGES = 45_000  # CIFAR-10's 50,000 less the 10% validation split: the claims' budget
+CIFAR10 = {"bench.data_classes": ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"],
+           "bench.data_channels": 3, "bench.data_image_size": [32, 32], "bench.data_train_images": 50_000}
+
+
+def matrix_of(study, **kw) -> pd.DataFrame:
+    """The matrix of a study whose data is CIFAR-10 (the claims' dataset)."""
+    return matrix_frame(trials_frame(study, SPACE), data_attrs={**CIFAR10, **study.user_attrs}, **kw)
+
+
+def row(matrix: pd.DataFrame, level: str, budget: int = 5, claim: str | None = None) -> pd.Series:
+    """The one row of `level` at `budget` (and `claim`, for a level with several claims)."""
+    sel = matrix[(matrix["level"] == level) & (matrix["budget"] == budget)]
+    if claim is not None:
+        sel = sel[sel["claim_id"] == claim]
+    assert len(sel) == 1, sel[["level", "budget", "claim_id"]]
+    return sel.iloc[0]
 
 
 def add_trial(study, cfg=BASELINE, *, test_acc=0.5, state=TrialState.COMPLETE, cell=None, seconds=10.0, curve=None,
@@ -56,7 +72,10 @@ def add_cell(study, cell, cfg, accs, **kw):
 
 def designed_study(name="designed"):
     study = optuna.create_study(study_name=name, direction="maximize")
+    for key, value in CIFAR10.items():
+        study.set_user_attr(key, value)
     add_cell(study, BASELINE_CELL, BASELINE, (0.50, 0.52, 0.54))
+    add_cell(study, "label smoothing 0.1", BASELINE.replace(label_smoothing=0.1), (0.60, 0.625, 0.64))
     add_cell(study, "BatchNorm", BASELINE.replace(batch_norm=True), (0.60, 0.625, 0.64))
     add_cell(study, "MSE", BASELINE.replace(loss="mse"), (0.30, 0.31, 0.32))
     add_cell(study, "extra conv layers", BASELINE.replace(extra_blocks=1), (0.53, 0.54, 0.555))
@@ -76,24 +95,29 @@ def test_verdicts(low, high, claim, expected):
 
 
 def test_designed_matrix_gives_known_means_and_verdicts():
-    matrix = matrix_frame(trials_frame(designed_study(), SPACE)).set_index("level")
+    matrix = matrix_of(designed_study())
     assert matrix["method"].iloc[0].startswith("designed")
-    bn = matrix.loc["BatchNorm"]
-    assert bn["n"] == 3 and bn["n_pairs"] == 3 and bn["interval"] == "paired t"
-    assert bn["mean_acc"] == pytest.approx(62.1667, abs=1e-3) and bn["diff"] == pytest.approx(10.1667, abs=1e-3)
-    assert bn["verdict"] == "supported"  # claim: BN helps (> 0); paired diffs 10, 10.5, 10 lie well above 0
-    assert matrix.loc["MSE", "diff"] == pytest.approx(-21.0) and matrix.loc["MSE", "verdict"] == "supported"
-    assert matrix.loc["extra conv layers", "verdict"] == "contradicted"  # claim >= +10, measured ~+1.2
-    assert matrix.loc["StepLR", "n"] == 0 and matrix.loc["StepLR", "verdict"] == "no data"
-    assert matrix.loc["BatchNorm", "epochs"] == 5 and matrix.loc["BatchNorm", "claim_epochs"] == 5
+    ls = row(matrix, "label smoothing 0.1")
+    assert ls["n"] == 3 and ls["n_pairs"] == 3 and ls["interval"] == "paired t"
+    assert ls["mean_acc"] == pytest.approx(62.1667, abs=1e-3) and ls["diff"] == pytest.approx(10.1667, abs=1e-3)
+    assert ls["verdict"] == "supported"  # claim: smoothing helps (> 0); paired diffs 10, 10.5, 10 lie well above 0
+    assert row(matrix, "MSE")["diff"] == pytest.approx(-21.0) and row(matrix, "MSE")["verdict"] == "supported"
+    assert row(matrix, "extra conv layers")["verdict"] == "contradicted"  # claim >= +10, measured ~+1.2
+    assert row(matrix, "StepLR")["n"] == 0 and row(matrix, "StepLR")["verdict"] == "no data"
+    assert row(matrix, "StepLR", 20)["cell"] == "StepLR @20 ep"
+    bn = row(matrix, "BatchNorm")  # C10 claims BN with Dropout, in the printed block, not BN alone
+    assert bn["verdict"] == "not quantified" and bn["epochs"] == 5 and bn["claim_epochs"] == 5
+    judged = matrix[matrix["verdict"].isin(["supported", "contradicted", "inconclusive"])]
+    assert set(judged["n_tests"]) == {len(judged)} and (judged["p_holm"] >= judged["p_raw"]).all()
+    assert (judged["holm_level"] >= 0.95).all() and judged["claim_id"].notna().all()
 
 
 def test_too_few_seeds_gets_no_verdict():
     study = optuna.create_study(direction="maximize")
     add_cell(study, BASELINE_CELL, BASELINE, (0.50, 0.52))
-    add_cell(study, "BatchNorm", BASELINE.replace(batch_norm=True), (0.70, 0.72))
-    row = matrix_frame(trials_frame(study, SPACE)).set_index("level").loc["BatchNorm"]
-    assert row["verdict"] == "too few seeds" and row["n_pairs"] == 2 and "needs 3" in row["note"]
+    add_cell(study, "label smoothing 0.1", BASELINE.replace(label_smoothing=0.1), (0.70, 0.72))
+    r = row(matrix_of(study), "label smoothing 0.1")
+    assert r["verdict"] == "too few seeds" and r["n_pairs"] == 2 and "needs 3" in r["note"]
 
 
 def test_reduced_budget_gets_no_verdict_and_inert_levels_say_so():
@@ -103,11 +127,12 @@ def test_reduced_budget_gets_no_verdict_and_inert_levels_say_so():
     add_cell(study, "BatchNorm", one.replace(batch_norm=True), (0.40, 0.41, 0.42), images=4500)
     add_cell(study, "StepLR", one.replace(scheduler="step"), (0.30, 0.31, 0.32), images=4500)
     add_cell(study, "early stopping", one.replace(early_stopping=3), (0.30, 0.31, 0.32), images=4500)
-    matrix = matrix_frame(trials_frame(study, SPACE)).set_index("level")
-    assert matrix.loc["BatchNorm", "verdict"] == "not tested at this budget"
-    assert "1 epochs on 4,500" in matrix.loc["BatchNorm", "note"] and "5 epochs on 50,000" in matrix.loc["BatchNorm", "note"]
-    assert matrix.loc["StepLR", "verdict"] == "inert at this budget" and "after the last of 1" in matrix.loc["StepLR", "note"]
-    assert matrix.loc["early stopping", "verdict"] == "inert at this budget"
+    matrix = matrix_of(study)
+    bn = row(matrix, "BatchNorm")
+    assert bn["verdict"] == "not tested at this budget"
+    assert "1 epochs on 4,500" in bn["note"] and "5 epochs on 50,000" in bn["note"] and "declared by bench" in bn["note"]
+    assert row(matrix, "StepLR")["verdict"] == "inert at this budget" and "after the last of 1" in row(matrix, "StepLR")["note"]
+    assert row(matrix, "early stopping")["verdict"] == "inert at this budget"
     assert not matrix["verdict"].isin(["supported", "contradicted", "inconclusive"]).any()
 
 
@@ -115,36 +140,40 @@ def test_full_budget_with_too_few_images_is_not_tested():
     study = optuna.create_study(direction="maximize")
     add_cell(study, BASELINE_CELL, BASELINE, (0.50, 0.52, 0.54), images=5000)
     add_cell(study, "BatchNorm", BASELINE.replace(batch_norm=True), (0.60, 0.62, 0.64), images=5000)
-    assert matrix_frame(trials_frame(study, SPACE)).set_index("level").loc["BatchNorm", "verdict"] == "not tested at this budget"
+    assert row(matrix_of(study), "BatchNorm")["verdict"] == "not tested at this budget"
 
 
 def test_levels_are_compared_with_their_claims_reference_cell():
     study = optuna.create_study(direction="maximize")
     long = BASELINE.replace(epochs=20)
     add_cell(study, BASELINE_CELL, BASELINE, (0.50, 0.52, 0.54))
-    add_cell(study, "20 epochs", long, (0.66, 0.68, 0.70))  # +16 points on every seed: inside the claimed 5-20
-    add_cell(study, "Adam lr 1e-3", long.replace(lr=1e-3), (0.76, 0.765, 0.77))
-    add_cell(study, "AdamW lr 1e-3", long.replace(optimizer="adamw", lr=1e-3, weight_decay=1e-2), (0.775, 0.785, 0.79))
-    matrix = matrix_frame(trials_frame(study, SPACE)).set_index("level")
-    adamw = matrix.loc["AdamW lr 1e-3"]
-    assert adamw["reference"] == "Adam lr 1e-3" and adamw["diff"] == pytest.approx(1.8333, abs=1e-3)
+    add_cell(study, "20 epochs", long, (0.66, 0.685, 0.70))  # about +16 points on every seed: inside the claimed 5-20
+    add_cell(study, "Adam lr 1e-3", long.replace(lr=1e-3), (0.765, 0.766, 0.767))
+    add_cell(study, "AdamW lr 1e-3", long.replace(optimizer="adamw", lr=1e-3, weight_decay=1e-2), (0.782, 0.7835, 0.785))
+    matrix = matrix_of(study)
+    adamw = row(matrix, "AdamW lr 1e-3", 20)
+    assert adamw["reference"] == "Adam lr 1e-3" and adamw["diff"] == pytest.approx(1.75, abs=1e-3)
     assert adamw["verdict"] == "supported"  # claim: 0 to +3 points over Adam at the same lr
-    adam = matrix.loc["Adam lr 1e-3"]  # an accuracy claim: 75-78% at 20 epochs
+    adam = row(matrix, "Adam lr 1e-3", 20)  # an accuracy claim: 75-78% at 20 epochs
     assert adam["reference"] == "20 epochs" and adam["verdict"] == "supported"
-    long_row = matrix.loc["20 epochs"]
-    assert (long_row["epochs"], long_row["reference_epochs"]) == (20, 5) and long_row["verdict"] == "supported"
+    gain = row(matrix, "20 epochs", 20, "C1-gain")
+    assert gain["reference"] == BASELINE_CELL and (gain["epochs"], gain["reference_epochs"]) == (20, 5)
+    assert gain["verdict"] == "supported" and "'possible' claim" in gain["note"]
+    up_to = row(matrix, "20 epochs", 20, "C1-20")  # 68% mean, claimed up to 75-80%: not supported, maybe not yet refuted
+    assert up_to["p_raw"] < 0.05 and up_to["verdict"] in ("contradicted", "inconclusive")
 
 
-def test_diverged_seeds_count_at_chance_and_are_shown():
+def test_diverged_seeds_are_named_and_stop_the_verdict():
     study = optuna.create_study(direction="maximize")
     add_cell(study, BASELINE_CELL, BASELINE, (0.50, 0.52, 0.54))
-    add_cell(study, "wider channels", BASELINE.replace(width=2.0), (0.60, 0.62))
+    add_cell(study, "label smoothing 0.1", BASELINE.replace(label_smoothing=0.1), (0.60, 0.62))
     for _ in range(2):  # seed 2 diverged, was rerun once, diverged again: an outcome, not a gap
-        add_trial(study, BASELINE.replace(width=2.0), state=TrialState.PRUNED, cell="wider channels", seed=2,
-                  stop_reason="diverged")
-    row = matrix_frame(trials_frame(study, SPACE)).set_index("level").loc["wider channels"]
-    assert row["n"] == 3 and row["n_diverged"] == 1 and "1 of 3 diverged" in row["note"]
-    assert row["mean_acc"] == pytest.approx((60 + 62 + 10) / 3)
+        add_trial(study, BASELINE.replace(label_smoothing=0.1), state=TrialState.PRUNED, cell="label smoothing 0.1",
+                  seed=2, stop_reason="diverged")
+    r = row(matrix_of(study), "label smoothing 0.1")
+    assert r["n"] == 3 and r["n_diverged"] == 1 and "1 of 3 diverged (seed 2)" in r["note"]
+    assert r["mean_acc"] == pytest.approx(61.0) and r["n_pairs"] == 2  # the interval covers the seeds that trained
+    assert r["verdict"] == "no verdict: diverged" and r["diverged_seeds"] == "2"
 
 
 def test_search_matrix_is_exploratory_with_fixed_groups():
@@ -185,11 +214,11 @@ def test_search_study_where_smoothing_does_nothing_gets_no_verdict(tmp_path):
 
 def test_trials_frame_has_every_parameter_and_metric():
     frame = trials_frame(designed_study(), SPACE)
-    assert len(frame) == 12
+    assert len(frame) == 15
     for col in ("number", "state", "stop_reason", "val_acc", "test_acc", "epochs_run", "train_seconds",
                 "images_per_sec", "param_count", "datetime_start", *(p.name for p in SPACE)):
         assert col in frame.columns
-    assert frame.loc[3, "batch_norm"] is True or frame.loc[3, "batch_norm"] == True  # noqa: E712
+    assert frame.loc[6, "batch_norm"] is True or frame.loc[6, "batch_norm"] == True  # noqa: E712
 
 
 def test_pareto_front():
@@ -208,8 +237,10 @@ def test_full_report_is_offline_and_embeds_every_plot(tmp_path):
     assert len(pngs) >= 5
     assert page.count("data:image/png;base64,") == len(pngs)
     assert not re.search(r"(src|href)=['\"]?https?://", page) and "http://" not in page and "https://" not in page
-    assert (tmp_path / "trials.csv").read_text().count("\n") == 13
+    assert (tmp_path / "trials.csv").read_text().count("\n") == 16
     assert "BatchNorm" in (tmp_path / "matrix.csv").read_text()
+    assert "selected from 15 trials (optimistic)" in page and "best cell (mean over seeds)" in page
+    assert "Holm" in page and "parameter importance is left out for designed studies" in page
 
 
 @pytest.mark.parametrize("kind", ["empty", "failed", "pruned"])
@@ -265,16 +296,21 @@ def test_cli_missing_study_is_a_usage_error(tmp_path, capsys):
     assert "holds: other" in capsys.readouterr().err
 
 
-def test_cumulative_path_starts_at_the_baseline_in_declared_order():
+def test_cumulative_path_reads_shared_cells_with_step_to_step_intervals():
     from bench.analysis import cumulative_frame
 
     study = designed_study()
-    for step, accs in (("02. +b", (0.70, 0.72)), ("01. +a", (0.60, 0.62))):
-        add_cell(study, f"cumulative: {step}", BASELINE.replace(epochs=4), accs)
+    long = BASELINE.replace(epochs=20)
+    sgd = long.replace(optimizer="sgd", lr=0.01, momentum=0.9)
+    add_cell(study, "20 epochs", long, (0.60, 0.63, 0.64))  # step 1 is this matrix cell, not a copy of it
+    add_cell(study, "SGD lr 0.01 momentum 0.9", sgd, (0.70, 0.72, 0.75))
+    add_cell(study, "cumulative: 03. +full augmentation", sgd.replace(color_jitter=True), (0.71, 0.73, 0.74))
     path = cumulative_frame(trials_frame(study, SPACE))
-    assert path["step"].tolist() == [BASELINE_CELL, "01. +a", "02. +b"]
-    assert path["mean_acc"].tolist() == pytest.approx([52.0, 61.0, 71.0])
-    assert path["n"].tolist() == [3, 2, 2]
+    assert path["step"].tolist() == [BASELINE_CELL, "01. +20 epochs", "02. +SGD momentum", "03. +full augmentation"]
+    assert path["cell"].tolist()[1:3] == ["20 epochs", "SGD lr 0.01 momentum 0.9"]
+    assert path["mean_acc"].tolist() == pytest.approx([52.0, 62.3333, 72.3333, 72.6667], abs=1e-3)
+    assert path["step_diff"].tolist()[1:] == pytest.approx([10.3333, 10.0, 0.3333], abs=1e-3)
+    assert path["n_pairs"].tolist() == [0, 3, 3, 3] and path["step_low"].iloc[1:].notna().all()
 
 
 def _page_text(path) -> str:
@@ -287,7 +323,7 @@ def scaled_matrix_and_search(tmp_path):
     plus an 8-trial search study; neither page may print 'nan'."""
     matrix = optuna.create_study(study_name="scaled", direction="maximize")
     for key, value in (("bench.epochs_scale", 0.2), ("bench.train_subset", 5000), ("bench.train_images", 4500),
-                       ("bench.val_images", 500), ("bench.val_is_test", False), ("bench.max_epochs", 30)):
+                       ("bench.val_images", 500), ("bench.val_is_test", False), ("bench.max_epochs", 30), *CIFAR10.items()):
         matrix.set_user_attr(key, value)
     one = BASELINE.replace(epochs=1)
     add_cell(matrix, BASELINE_CELL, one, (0.30, 0.31, 0.33), images=4500)
@@ -327,7 +363,7 @@ def test_scaled_matrix_page_shows_the_budget_and_no_verdict(tmp_path):
     csv = pd.read_csv(tmp_path / "matrix.csv")
     for col in ("epochs", "reference_epochs", "train_images", "claim_epochs", "claim_train_images", "claim_budget_source"):
         assert col in csv.columns
-    assert csv.set_index("level").loc["BatchNorm", "train_images"] == 4500
+    assert row(csv, "BatchNorm")["train_images"] == 4500
 
 
 def test_search_page_warns_about_test_set_selection_and_gates_importance(tmp_path):
@@ -335,7 +371,7 @@ def test_search_page_warns_about_test_set_selection_and_gates_importance(tmp_pat
     write_report(search, tmp_path)
     page = _page_text(tmp_path)
     assert "selection used the test set" in page
-    assert "importance needs at least 10 completed trials (this study has 8)" in page
+    assert "importance needs at least 30 completed trials (this study has 8)" in page
     assert not (tmp_path / "parameter_importance.png").exists()
 
 

@@ -6,7 +6,8 @@ import torch
 from bench.data import load_image_folder, make_splits
 from bench.models import build_model
 from bench.space import BASELINE, LOSSES, OPTIMIZERS, SCHEDULERS, TrainConfig
-from bench.train import Diverged, FitResult, fit, inert_techniques, member_schedule, resolve_precision
+from bench.design import inert_techniques
+from bench.train import Diverged, FitResult, fit, member_schedule, resolve_precision
 
 CPU = torch.device("cpu")
 
@@ -129,7 +130,8 @@ def test_onecycle_keeps_the_searched_momentum():
 
 
 @pytest.mark.parametrize("changes, inert", [
-    ({"scheduler": "step", "epochs": 1}, True), ({"scheduler": "step", "epochs": 2}, False),
+    ({"scheduler": "step", "epochs": 2}, True), ({"scheduler": "step", "epochs": 3}, False),  # step 2: acts in epoch 3
+    ({"scheduler": "step", "step_size": 1, "epochs": 2}, False),
     ({"scheduler": "cosine", "epochs": 1}, True), ({"scheduler": "cosine", "epochs": 2}, False),
     ({"scheduler": "plateau", "epochs": 3}, True), ({"scheduler": "plateau", "epochs": 4}, False),
     ({"scheduler": "onecycle", "epochs": 1}, False),

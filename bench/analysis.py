@@ -26,7 +26,6 @@ from bench.design import (
     inert_techniques,
     matrix_rows,
     resolve_reference,
-    tier_reference,
 )
 from bench.objective import Attr
 from bench.space import (
@@ -588,6 +587,8 @@ def cumulative_frame(trials: pd.DataFrame, metric: str = "test_acc",
                      "epochs": data.epochs, "mean_acc": ci.mean, "acc_low": ci.low, "acc_high": ci.high,
                      "step_diff": diff.mean, "step_low": diff.low, "step_high": diff.high, "n_pairs": diff.n})
         previous = data
+    if len(rows) == 1 and rows[0]["step"] == BASELINE_CELL:
+        rows = []  # the baseline alone is no path
     return pd.DataFrame(rows, columns=["step", "cell", "n", "n_diverged", "epochs", "mean_acc", "acc_low", "acc_high",
                                        "step_diff", "step_low", "step_high", "n_pairs"])
 

@@ -28,19 +28,22 @@ from bench.design import Cell, design, parse_budgets, select
 from bench.errors import UsageError, redact, run_cli
 from bench.locks import RunLock, TrialGate, storage_file
 from bench.objective import Attr, Objective, TrialSettings
+from bench.packed import shape_signature
 from bench.run import (
     INTERRUPTED_EXIT,
     add_data_args,
     add_study_args,
     load_data_args,
+    pack_size,
     print_summary,
     raise_interrupt,
     record_budget,
+    resolve_pack,
     study_meta,
     trial_line,
 )
-from bench.space import BUDGET_TIERS, build_space, params_for_config
-from bench.study import default_storage, fail_orphans, open_storage, open_study, run_trials
+from bench.space import BASELINE, BUDGET_TIERS, build_space, is_active, params_for_config
+from bench.study import FINISHED, default_storage, fail_orphans, open_storage, open_study, run_packs, run_trials
 from bench.train import resolve_device
 
 
@@ -54,10 +57,17 @@ def pending(cells: Sequence[Cell], study: optuna.Study) -> list[Cell]:
 def describe(cells: Sequence[Cell], train_images: int, done: int) -> list[str]:
     """The design as a table, tier by tier, with each tier's compute (epochs x images)."""
     names = list(dict.fromkeys(c.name for c in cells))
-    lines = [f"{'cell':<44} {'factor':<13} {'tier':>4} {'epochs':>6} {'seeds':>5}"]
+    lines = [f"{'cell':<44} {'factor':<13} {'tier':>4} {'epochs':>6} {'seeds':>5}  changes from the baseline recipe"]
     for name in names:
         group = [c for c in cells if c.name == name]
-        lines.append(f"{name:<44} {group[0].factor:<13} {group[0].budget:>4} {group[0].config.epochs:>6} {len(group):>5}")
+        cfg = group[0].config
+        values = dataclasses.asdict(cfg)
+        shown = {k: v for k, v in values.items() if k != "epochs" and v != getattr(BASELINE, k)}
+        for p in build_space():  # a changed knob's own settings (StepLR's step and gamma), also where they are defaults
+            if p.when and values[p.when[0]] != getattr(BASELINE, p.when[0]) and is_active(p, values):
+                shown[p.name] = values[p.name]
+        changes = " ".join(f"{k}={v}" for k, v in sorted(shown.items(), key=lambda kv: list(values).index(kv[0]))) or "-"
+        lines.append(f"{name:<44} {group[0].factor:<13} {group[0].budget:>4} {cfg.epochs:>6} {len(group):>5}  {changes}")
     for tier in sorted({c.budget for c in cells}):
         in_tier = [c for c in cells if c.budget == tier]
         lines.append(f"tier {tier} epochs: {len({c.name for c in in_tier})} cells, {len(in_tier)} trials, "
@@ -102,10 +112,11 @@ def pending_or_active(cells: Sequence[Cell], study: optuna.Study) -> list[Cell]:
 
 
 def run_cells(study: optuna.Study, cells: Sequence[Cell], space: tuple, *, objective: Objective, gate: TrialGate,
-              fail_left_running: bool, train_images: int, stop_after: float | None = None) -> int:
-    """Run the cells one trial at a time (enqueued just before it runs, so --only and --stop-after leave nothing
-    queued); a diverged or failed cell is run once more (bench.analysis.settle). With `stop_after` (seconds) no
-    trial starts after that time; the running one finishes and is recorded."""
+              fail_left_running: bool, train_images: int, stop_after: float | None = None, pack: int = 1) -> int:
+    """Run the cells a pack at a time (enqueued just before they run, so --only and --stop-after leave nothing
+    queued): with `pack` K > 1, up to K waiting trials that share a shape signature (every seed of a cell does) train
+    as one packed network, each exactly as alone. A diverged or failed cell is run once more
+    (bench.analysis.settle). With `stop_after` (seconds) nothing starts after that time; what runs finishes."""
     if fail_left_running:
         with gate:
             fail_orphans(study, "found running at start", requeue=False)
@@ -125,8 +136,10 @@ def run_cells(study: optuna.Study, cells: Sequence[Cell], space: tuple, *, objec
                 return 0
             stopping = deadline is not None and time.monotonic() >= deadline
             if not stopping and not waiting:
-                cell = todo[0]
-                study.enqueue_trial(params_for_config(cell.config, space), user_attrs={Attr.CELL: cell.name, Attr.SEED: cell.seed})
+                signature = shape_signature(todo[0].config)
+                for cell in [c for c in todo if shape_signature(c.config) == signature][:pack]:
+                    study.enqueue_trial(params_for_config(cell.config, space),
+                                        user_attrs={Attr.CELL: cell.name, Attr.SEED: cell.seed})
         if stopping:
             left = pending_or_active(cells, study)
             names = {c.name for c in cells}
@@ -136,7 +149,12 @@ def run_cells(study: optuna.Study, cells: Sequence[Cell], space: tuple, *, objec
             return 0
         try:
             remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
-            run_trials(study, objective, None, gate=gate, callbacks=[report], timeout=remaining, max_trials=1)
+            if pack == 1:
+                run_trials(study, objective, None, gate=gate, callbacks=[report], timeout=remaining, max_trials=1)
+            else:
+                busy = len(study.get_trials(deepcopy=False, states=(*FINISHED, TrialState.RUNNING)))
+                run_packs(study, objective, busy + pack, pack=pack, gate=gate, timeout=remaining, callbacks=[report],
+                          pack_aware=False, enqueued_only=True)
         except KeyboardInterrupt:
             print("interrupted: the running cell is recorded as failed (interrupted); rerun the same command to finish "
                   "the matrix", file=sys.stderr)
@@ -181,6 +199,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--max-epochs", type=int, default=30, help="cap on any cell's epochs (default: 30)")
     g.add_argument("--stop-after", type=minutes, default=None, metavar="MINUTES",
                    help="start no trial after this many minutes; the running one finishes (rerun to continue)")
+    g.add_argument("--pack", type=pack_size, default="auto",
+                   help="train up to K waiting trials of one shape signature (a cell's seeds) as one packed network, "
+                        "each exactly as alone: K, or auto (32 on CUDA, 1 on CPU, where packing measured slower)")
     g.add_argument("--force", action="store_true", help="add to a study made with another dataset or split")
     g.add_argument("--dry-run", action="store_true", help="list the cells and the estimated compute, train nothing")
     g.add_argument("--keep-models", choices=KEEP_POLICIES, default="best", help="(default: best)")
@@ -260,7 +281,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                                          deterministic=args.deterministic),
             on_model=CheckpointSink(open_store(artifact_dir(storage_url, args.study_name)), storage, args.keep_models,
                                     dataset)), gate=TrialGate(storage_url, args.study_name), fail_left_running=alone,
-            train_images=len(splits.train), stop_after=None if args.stop_after is None else args.stop_after * 60)
+            train_images=len(splits.train), stop_after=None if args.stop_after is None else args.stop_after * 60,
+            pack=resolve_pack(args.pack, resolve_device(args.device)))
     finally:
         run_lock.release()
     if code:

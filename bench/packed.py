@@ -48,7 +48,11 @@ class PackedConv2d(nn.Module):
 
 def packed_batch_norm(norms: Sequence[nn.BatchNorm2d]) -> nn.BatchNorm2d:
     """BatchNorm over K*C channels: per-channel statistics are exactly each member's own."""
-    bn = nn.BatchNorm2d(sum(n.num_features for n in norms), eps=norms[0].eps, momentum=norms[0].momentum)
+    first = norms[0]
+    # in the members' dtype and device, as every other packed layer (which concatenates their tensors): a float64 pack
+    # would otherwise get a float32 BatchNorm and fail on mixed dtypes
+    bn = nn.BatchNorm2d(sum(n.num_features for n in norms), eps=first.eps, momentum=first.momentum,
+                        device=first.running_mean.device, dtype=first.running_mean.dtype)
     with torch.no_grad():
         for name in ("weight", "bias", "running_mean", "running_var"):
             getattr(bn, name).copy_(torch.cat([getattr(n, name) for n in norms]))

@@ -298,6 +298,35 @@ def matrix_display(matrix: pd.DataFrame) -> pd.DataFrame:
     return pd.DataFrame(columns)
 
 
+def _md(text: object) -> str:
+    return str(text).replace("|", "\\|").replace("\n", " ")
+
+
+def markdown_tables(matrix: pd.DataFrame, cumulative: pd.DataFrame | None = None) -> str:
+    """The README's tables, from the frames as matrix.csv and cumulative.csv hold them (read back or fresh: the same
+    text), so the published page, its CSV and the README cannot drift apart."""
+    lines = ["| level | tier | vs | n | test acc % [95% CI] | diff, points [95% CI] | claim | verdict, or why none |",
+             "|---|---|---|---|---|---|---|---|"]
+    for _, r in matrix.iterrows():
+        n, pairs = _count(r["n"]), _count(r["n_pairs"])
+        acc = ci_text(r["mean_acc"], r["acc_low"], r["acc_high"], n)
+        diff = ci_text(r["diff"], r["diff_low"], r["diff_high"], pairs, signed=True) if not _missing(r["reference"]) else DASH
+        claim = DASH if _missing(r["claim_id"]) else f"{r['claim_id']}: {r['claim_reading']}"
+        verdict = r["verdict"] if _missing(r["note"]) or r["verdict"] in ("supported", "contradicted") else f"{r['verdict']}: {r['note']}"
+        n_text = f"{n}" + (f" ({_count(r['n_diverged'])} diverged)" if _count(r["n_diverged"]) else "")
+        budget = DASH if _missing(r["budget"]) else f"{int(r['budget'])} ep"
+        lines.append("| " + " | ".join(_md(x) for x in (r["level"], budget, DASH if _missing(r["reference"]) else r["reference"],
+                                                          n_text, acc, diff, claim, verdict)) + " |")
+    if cumulative is not None and len(cumulative):
+        lines += ["", "| cumulative step | cell | n | test acc % [95% CI] | change from the step before [95% paired CI] |",
+                  "|---|---|---|---|---|"]
+        for _, r in cumulative.iterrows():
+            lines.append("| " + " | ".join(_md(x) for x in (
+                r["step"], r["cell"], _count(r["n"]), ci_text(r["mean_acc"], r["acc_low"], r["acc_high"], _count(r["n"])),
+                ci_text(r["step_diff"], r["step_low"], r["step_high"], _count(r["n_pairs"]), signed=True))) + " |")
+    return "\n".join(lines) + "\n"
+
+
 def budget_text(attrs: dict) -> str:
     """The study's real budget: images per split, epoch cap, and a matrix's epoch scale."""
     parts = []
@@ -455,12 +484,15 @@ def write_report(study: optuna.Study, out: Path, *, fmt: str = "html") -> list[P
     written = [out / "trials.csv", out / "matrix.csv"]
     csv_frame(trials).to_csv(written[0], index=False)
     matrix.to_csv(written[1], index=False)
-    if fmt == "csv":
-        return written
     cumulative = cumulative_frame(trials, cells=cells)
     if not cumulative.empty:
         cumulative.to_csv(out / "cumulative.csv", index=False)
         written.append(out / "cumulative.csv")
+    if fmt == "csv":
+        return written
+    if fmt == "markdown":
+        written.append(write_markdown(out))
+        return written
     sns.set_theme(style="whitegrid")
     importances, importance_note = param_importances(study, designed=bool(cells))
     plots = {name: _png(fig) for name, fig in build_plots(study, trials, matrix, cumulative, importances).items()}
@@ -468,8 +500,16 @@ def write_report(study: optuna.Study, out: Path, *, fmt: str = "html") -> list[P
         (out / f"{name}.png").write_bytes(png)
         written.append(out / f"{name}.png")
     (out / "index.html").write_text(render_html(study, trials, matrix, cumulative, plots, importance_note, cells), encoding="utf-8")
-    written.append(out / "index.html")
+    written += [out / "index.html", write_markdown(out)]
     return written
+
+
+def write_markdown(out: Path) -> Path:
+    """matrix.md from the matrix.csv (and cumulative.csv) in `out`, as the README shows them."""
+    cumulative = out / "cumulative.csv"
+    text = markdown_tables(pd.read_csv(out / "matrix.csv"), pd.read_csv(cumulative) if cumulative.exists() else None)
+    (out / "matrix.md").write_text(text, encoding="utf-8")
+    return out / "matrix.md"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -477,8 +517,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--study", required=True, help="study name")
     parser.add_argument("--storage", default=None, help="SQLAlchemy URL (default: sqlite:///studies/<study>.db)")
     parser.add_argument("--out", default=None, help="output directory (default: reports/<study>)")
-    parser.add_argument("--format", choices=("html", "csv"), default="html",
-                        help="html: everything; csv: trials.csv and matrix.csv only (default: html)")
+    parser.add_argument("--format", choices=("html", "csv", "markdown"), default="html",
+                        help="html: everything; csv: the CSV tables only; markdown: the CSV tables and matrix.md, the "
+                             "README's tables made from matrix.csv (default: html)")
     return parser
 
 

@@ -316,10 +316,11 @@ def _train_group(objective: Objective, group: list[tuple[optuna.Trial, Member]],
 
 def run_packs(study: optuna.Study, objective: Objective, target: int, *, pack: int, gate: TrialGate,
               timeout: float | None = None, callbacks: Iterable[Callable[[optuna.Study, FrozenTrial], None]] = (),
-              guard: FailureGuard | None = None, pack_aware: bool = True,
+              guard: FailureGuard | None = None, pack_aware: bool = True, enqueued_only: bool = False,
               say: Callable[[str], None] = print) -> PackStats:
     """Like run_trials, but K trials at a time: ask under the gate (the exact budget holds across workers), group
-    by shape signature, train each group as one pack, tell every trial. Interrupted: every trial is told."""
+    by shape signature, train each group as one pack, tell every trial. Interrupted: every trial is told.
+    `enqueued_only`: take only WAITING trials, never sample one (the designed matrix)."""
     deadline = None if timeout is None else time.monotonic() + timeout
     stats = PackStats()
     callbacks = list(callbacks)
@@ -332,6 +333,8 @@ def run_packs(study: optuna.Study, objective: Objective, target: int, *, pack: i
                 optuna.storages.fail_stale_trials(study)
                 busy = len(study.get_trials(deepcopy=False, states=(*FINISHED, TrialState.RUNNING)))
                 size = min(pack, target - busy)
+                if enqueued_only:
+                    size = min(size, len(study.get_trials(deepcopy=False, states=(TrialState.WAITING,))))
                 if size <= 0:
                     return stats
                 asked = ask_pack(study, objective, size, pack_aware=pack_aware, asked=created)

@@ -3,7 +3,7 @@ from __future__ import annotations
 import optuna
 import pytest
 
-from bench.analysis import BASELINE_CELL, CUMULATIVE_PREFIX, trials_frame
+from bench.analysis import BASELINE_CELL, CUMULATIVE_PREFIX
 from bench.design import cumulative_steps, design, select
 from bench.errors import run_cli
 from bench.matrix import main, pending
@@ -243,3 +243,24 @@ def test_stop_after_ends_after_the_running_cell_and_the_same_command_completes(r
     runs = [(t.user_attrs[Attr.CELL], t.user_attrs[Attr.SEED]) for t in study.trials]
     assert len(runs) == len(set(runs)) == 9  # no cell run twice
     assert run_cli(main, args) == 0 and len(optuna.load_study(study_name="m", storage=storage).trials) == 9
+
+
+def test_matrix_packs_give_the_solo_numbers(rgb_folder, cache_dir, tmp_path, monkeypatch):
+    """--pack 2 trains each cell's seeds two at a time as one network: every (cell, seed) ends as it did alone."""
+    from bench.objective import Attr
+
+    _small_design(monkeypatch, names=(BASELINE_CELL, "label smoothing 0.1", "Dropout 0.3"))
+    results = {}
+    for pack in ("1", "2"):
+        args, storage = _matrix_args(rgb_folder, cache_dir, tmp_path / pack)
+        (tmp_path / pack).mkdir()
+        assert run_cli(main, [*args, "--precision", "fp32", "--pack", pack]) == 0
+        study = optuna.load_study(study_name="m", storage=storage)
+        results[pack] = {(t.user_attrs[Attr.CELL], t.user_attrs[Attr.SEED]):
+                         (t.user_attrs[Attr.TEST_ACC], t.user_attrs[Attr.LOSS_CURVE], t.user_attrs[Attr.PACK_SIZE])
+                         for t in study.trials}
+    assert results["1"].keys() == results["2"].keys() and len(results["1"]) == 9
+    assert {size for *_, size in results["1"].values()} == {1} and 2 in {size for *_, size in results["2"].values()}
+    for key, (acc, losses, _) in results["1"].items():
+        packed_acc, packed_losses, _ = results["2"][key]
+        assert packed_acc == acc and packed_losses == pytest.approx(losses, abs=1e-4), key

@@ -29,6 +29,27 @@ def test_baseline_on_fashion_mnist_uses_7x7_features():
     assert model(torch.zeros(2, 1, 28, 28)).shape == (2, 10)
 
 
+def test_assignment_layout_is_the_printed_block_on_cifar():
+    cfg = BASELINE.replace(conv_layout="assignment", batch_norm=True, dropout=0.3)
+    model = build_model(cfg, 3, (32, 32), 10)
+    assert [type(m) for m in model.features] == [nn.Conv2d, nn.BatchNorm2d, nn.ReLU, nn.Conv2d, nn.BatchNorm2d, nn.ReLU,
+                                                 nn.MaxPool2d, nn.Conv2d, nn.ReLU, nn.Dropout, nn.MaxPool2d, nn.Flatten]
+    convs = [m for m in model.features if isinstance(m, nn.Conv2d)]
+    assert [(c.in_channels, c.out_channels) for c in convs] == [(3, 32), (32, 64), (64, 128)]
+    assert [m.num_features for m in model.features if isinstance(m, nn.BatchNorm2d)] == [32, 64]
+    assert [m.p for m in model.modules() if isinstance(m, nn.Dropout)] == [0.3]  # none in the head
+    linears = [m for m in model.classifier if isinstance(m, nn.Linear)]
+    assert [(lin.in_features, lin.out_features) for lin in linears] == [(128 * 8 * 8, 128), (128, 10)]
+    assert model(torch.zeros(2, 3, 32, 32)).shape == (2, 10)
+
+    plain = build_model(cfg.replace(batch_norm=False, dropout=0.0), 3, (32, 32), 10)
+    assert not any(isinstance(m, nn.BatchNorm2d) for m in plain.modules())
+    # dropout 0 keeps a Dropout(p=0): members differing only in dropout have one layer list and share a pack
+    assert [m.p for m in plain.modules() if isinstance(m, nn.Dropout)] == [0.0]
+    assert [type(m) for m in plain.features] == [nn.Conv2d, nn.ReLU, nn.Conv2d, nn.ReLU, nn.MaxPool2d, nn.Conv2d,
+                                                 nn.ReLU, nn.Dropout, nn.MaxPool2d, nn.Flatten]
+
+
 def test_bn_cnn_first_conv_has_896_parameters():
     model = create_model("bn-cnn")
     conv = next(m for m in model.modules() if isinstance(m, nn.Conv2d))

@@ -392,3 +392,31 @@ def test_history_axis_has_whole_trial_numbers():
     fig.canvas.draw()
     ticks = [t for t in fig.axes[0].get_xticks() if fig.axes[0].get_xlim()[0] <= t <= fig.axes[0].get_xlim()[1]]
     assert ticks and all(float(t).is_integer() for t in ticks)
+
+
+def test_markdown_tables_are_made_from_the_csv_the_page_writes(tmp_path):
+    from bench.report import markdown_tables
+
+    study = designed_study()
+    add_cell(study, "20 epochs", BASELINE.replace(epochs=20), (0.60, 0.63, 0.64))
+    write_report(study, tmp_path)
+    text = (tmp_path / "matrix.md").read_text()
+    assert text == markdown_tables(pd.read_csv(tmp_path / "matrix.csv"), pd.read_csv(tmp_path / "cumulative.csv"))
+    table = [line for line in text.splitlines() if line.startswith("| label smoothing 0.1 | 5 ep |")]
+    assert len(table) == 1 and "supported" in table[0] and "62.17 [" in table[0] and "C6:" in table[0]
+    assert "| 01. +20 epochs | 20 epochs | 3 |" in text and "nan" not in text.lower()
+
+
+def test_search_baseline_interval_never_pools_budgets():
+    """Baseline-like trials at 5 and 30 epochs, or on other train images, are not one baseline (the audit's 71.5 [58.6, 84.4])."""
+    from bench.analysis import baseline_interval
+
+    study = optuna.create_study(direction="maximize")
+    for acc in (0.58, 0.60, 0.59):
+        add_trial(study, BASELINE, test_acc=acc)
+    for acc in (0.84, 0.85):
+        add_trial(study, BASELINE.replace(epochs=30), test_acc=acc)
+    add_trial(study, BASELINE.replace(batch_size=64), test_acc=0.70)
+    add_trial(study, BASELINE, test_acc=0.40, images=4_500)
+    base = baseline_interval(trials_frame(study, SPACE))
+    assert base.n == 3 and base.mean == pytest.approx(59.0)

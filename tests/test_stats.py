@@ -17,7 +17,7 @@ SEED_SD = 2.0  # points: what a seed (initial weights, batch order, augmentation
 
 
 def cell(values: np.ndarray) -> CellData:
-    return CellData(dict(enumerate(values.tolist())), len(values), 0, 0, 5, 45000, None)
+    return CellData(dict(enumerate(values.tolist())), budgets=frozenset({(5, 45000)}))
 
 
 def simulate(n: int, effect: float, rng: np.random.Generator) -> tuple[float, float]:
@@ -64,18 +64,18 @@ def test_welch_interval_holds_95_percent_for_unpaired_cells(n):
 
 
 def test_compare_falls_back_to_welch_when_seeds_do_not_pair():
-    level = CellData({10: 61.0, 11: 63.0, 12: 62.0}, 3, 0, 0, 5, 45000, None)
-    base = CellData({0: 60.0, 1: 59.0, 2: 61.0}, 3, 0, 0, 5, 45000, None)
+    level = CellData({10: 61.0, 11: 63.0, 12: 62.0})
+    base = CellData({0: 60.0, 1: 59.0, 2: 61.0})
     ci = compare(level, base)
-    assert ci.method == "Welch t" and ci.mean == pytest.approx(2.0)
+    assert ci.method == "Welch t" and ci.mean == pytest.approx(2.0) and ci.n == 0  # no pair was used
 
 
 def test_known_values():
     ci = paired_diff(np.array([62.0, 61.0, 63.0]), np.array([60.0, 60.0, 60.0]))
     half = sps.t.ppf(0.975, 2) * 1.0 / math.sqrt(3)  # differences 2, 1, 3: sd 1
     assert (ci.mean, ci.low, ci.high) == pytest.approx((2.0, 2.0 - half, 2.0 + half))
-    same = mean_interval(np.array([70.0, 70.0, 70.0]))
-    assert (same.low, same.high) == (70.0, 70.0)
+    same = mean_interval(np.array([70.0, 70.0, 70.0]))  # no spread: no zero-width interval, a dash with its reason
+    assert same.mean == 70.0 and not same.has_interval and same.se == 0.0
     one = mean_interval(np.array([70.0]))
     assert one.mean == 70.0 and not one.has_interval
     with pytest.raises(ValueError, match="equal lengths"):
@@ -86,3 +86,12 @@ def test_binomial_half_width():
     assert binomial_half_width(24) * 100 == pytest.approx(20.0, abs=0.1)  # ants/bees: 24 validation images
     assert binomial_half_width(10_000) * 100 == pytest.approx(0.98, abs=0.01)
     assert binomial_half_width(0) == math.inf
+
+
+def test_seeds_needed_matches_the_interval_it_promises():
+    from bench.stats import seeds_needed
+
+    n = seeds_needed(3.5, 0.5)  # StepLR's [2, 3] range: supported only by a half-width of 0.5 at most
+    assert n is not None and n > 150
+    assert sps.t.ppf(0.975, n - 1) * 3.5 / math.sqrt(n) <= 0.5 < sps.t.ppf(0.975, n - 2) * 3.5 / math.sqrt(n - 1)
+    assert seeds_needed(1.0, 10.0) == 3 and seeds_needed(3.5, 0.0) is None and seeds_needed(100.0, 0.01) is None

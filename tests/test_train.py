@@ -4,9 +4,9 @@ import pytest
 import torch
 
 from bench.data import load_image_folder, make_splits
+from bench.design import inert_techniques
 from bench.models import build_model
 from bench.space import BASELINE, LOSSES, OPTIMIZERS, SCHEDULERS, TrainConfig
-from bench.design import inert_techniques
 from bench.train import Diverged, FitResult, fit, member_schedule, resolve_precision
 
 CPU = torch.device("cpu")
@@ -33,6 +33,7 @@ VARIANTS = (
     + [{"color_jitter": True}, {"rotation": True}, {"affine": True}, {"grayscale": True}, {"erasing": True},
        {"crop": False, "flip": False}]
     + [{"grad_clip": 1.0}, {"batch_norm": True, "dropout": 0.3, "residual": True, "extra_blocks": 1}]
+    + [{"conv_layout": "assignment", "batch_norm": True, "dropout": 0.3}, {"scheduler": "step", "step_size": 1, "epochs": 2}]
 )
 
 
@@ -61,6 +62,12 @@ def test_same_seed_same_result_on_cpu(splits):
 def test_huge_learning_rate_diverges(splits):
     with pytest.raises(Diverged):
         train(splits, ONE_EPOCH.replace(epochs=3, optimizer="sgd", lr=1e6, momentum=0.9), precision="fp32")
+
+
+def test_patience_running_out_at_the_last_epoch_is_a_finished_run(splits):
+    """Stopping 'early' at the last epoch is no early stop: the run is labelled completed."""
+    last, _ = train(splits, ONE_EPOCH.replace(epochs=2, early_stopping=1, lr=1e-7), precision="fp32")
+    assert last.epochs_run == 2 and last.stop_reason == "completed"
 
 
 def test_early_stopping_stops_and_reports_it(splits):

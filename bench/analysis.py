@@ -46,6 +46,7 @@ from bench.stats import (
     MIN_PAIRS,
     NO_DATA,
     Interval,
+    claim_bounds,
     claim_test,
     holm,
     holm_levels,
@@ -114,8 +115,12 @@ def csv_frame(trials: pd.DataFrame) -> pd.DataFrame:
 class Budget:
     epochs: int | None  # None: the claim names none; bench tests it at each budget tier (the row's epochs)
     reference_epochs: int | None
-    train_images: int
+    train_images: int | None  # None: the whole train split of the data the row is judged on
     source: str  # "assignment": named by it; "bench": the assignment names none, bench declares it
+
+    @property
+    def source_text(self) -> str:
+        return "named by the assignment" if self.source == "assignment" else "declared by bench"
 
     def at(self, tier: int) -> tuple[int, int]:
         """(epochs, reference epochs) the claim is about when tested at `tier`."""
@@ -138,6 +143,7 @@ class Claim:
     high: float | None
     wording: str  # "possible": a best-case phrasing, read (as every such claim) as a claim about the mean
     budget: Budget
+    data: tuple[str, ...] = ("CIFAR-10",)  # the datasets the claim is about (claims.json "datasets")
 
     @property
     def quantified(self) -> bool:
@@ -166,42 +172,47 @@ def load_claims() -> list[Claim]:
         b = c["budget"]
         budget = Budget(b["epochs"], b.get("reference_epochs", b["epochs"]), b["train_images"], b["source"])
         claims.append(Claim(c["id"], c["spec"], c["level"], c["text"], c["reading"], c["measure"], c["reference"],
-                            c["low"], c["high"], c["wording"], budget))
+                            c["low"], c["high"], c["wording"], budget, tuple(c.get("data", ("CIFAR-10",)))))
     return claims
 
 
-def load_data_spec() -> DataSpec:
-    d = _claims_file()["dataset"]
-    return DataSpec(d["name"], tuple(d["classes"]), d["channels"], tuple(d["image_size"]), d["train_images"])
+def load_data_specs() -> dict[str, DataSpec]:
+    return {name: DataSpec(name, tuple(d["classes"]), d["channels"], tuple(d["image_size"]), d["train_images"])
+            for name, d in _claims_file()["datasets"].items()}
 
 
+# study attributes bench.run/bench.matrix record (bench.run.record_budget) so claims are checked against the data
 DATA_ATTRS = ("bench.data_classes", "bench.data_channels", "bench.data_image_size", "bench.data_train_images")
 
 
-def data_mismatch(attrs: dict[str, Any], spec: DataSpec | None = None) -> str | None:
-    """Why a study's data is not the claims' dataset (None when it is: CIFAR-10, or an ImageFolder copy of it)."""
-    spec = spec or load_data_spec()
-    if not all(key in attrs for key in DATA_ATTRS):
-        return f"claim is about {spec.name}; this study did not record its data (rerun bench.matrix once to record it)"
-    classes, channels = tuple(attrs["bench.data_classes"]), int(attrs["bench.data_channels"])
-    size, images = tuple(attrs["bench.data_image_size"]), int(attrs["bench.data_train_images"])
-    if (classes, channels, size, images) == (spec.classes, spec.channels, spec.image_size, spec.train_images):
-        return None
-    return (f"claim is about {spec.name}; this study's data: {len(classes)} classes, {channels}x{size[0]}x{size[1]}, "
-            f"{images:,} train images")
+@dataclass(frozen=True)
+class StudyData:
+    """Which of the claims' datasets a study trained on (None: none of them), and how to say what it was."""
+
+    name: str | None
+    description: str
+
+    def problem(self, claim: Claim) -> str | None:
+        """Why `claim` cannot be judged on this data (None when it can)."""
+        if self.name in claim.data:
+            return None
+        return f"claim is about {' or '.join(claim.data)}; {self.description}"
 
 
-def verdict(low: float, high: float, claim_low: float | None, claim_high: float | None) -> str:
-    """supported: the interval lies inside the claim; contradicted: wholly outside; else inconclusive."""
-    if math.isnan(low) or math.isnan(high):
-        return "inconclusive"
-    lo = -math.inf if claim_low is None else claim_low
-    hi = math.inf if claim_high is None else claim_high
-    if low >= lo and high <= hi:
-        return "supported"
-    if high < lo or low > hi:
-        return "contradicted"
-    return "inconclusive"
+def identify_data(attrs: dict[str, Any]) -> StudyData:
+    """The study's data as one of claims.json's datasets: a copy counts when its class names, image shape and train
+    images match (an ImageFolder tree of CIFAR-10 is CIFAR-10)."""
+    try:
+        classes, channels = tuple(attrs[DATA_ATTRS[0]]), int(attrs[DATA_ATTRS[1]])
+        size, images = tuple(int(x) for x in attrs[DATA_ATTRS[2]]), int(attrs[DATA_ATTRS[3]])
+    except KeyError:
+        return StudyData(None, "this study did not record its data (rerun bench.matrix once to record it)")
+    except (TypeError, ValueError):
+        return StudyData(None, "this study's data attributes are malformed (rerun bench.matrix once to record them)")
+    for spec in load_data_specs().values():
+        if (classes, channels, size, images) == (spec.classes, spec.channels, spec.image_size, spec.train_images):
+            return StudyData(spec.name, f"this study's data is {spec.name}")
+    return StudyData(None, f"this study's data: {len(classes)} classes, {channels}x{size[0]}x{size[1]}, {images:,} train images")
 
 
 # --- designed cells: one outcome per (cell, seed) -------------------------------------------
@@ -235,13 +246,15 @@ def settle(kinds: list[str]) -> str:
 @dataclass(frozen=True)
 class CellData:
     """A designed cell's per-seed test accuracies (%) of the seeds that trained; diverged and failed seeds listed apart.
-    `budgets`: every (epochs, train images) its settled seeds ran at (more than one: mixed budgets)."""
+    `budgets`: every (epochs, train images) its settled seeds ran at (more than one: mixed budgets). `unstable_seeds`:
+    seeds with a diverged attempt that is not (yet) their outcome (rerun pending, or trained on the rerun)."""
 
     values: dict[int, float]
     diverged_seeds: tuple[int, ...] = ()
     failed_seeds: tuple[int, ...] = ()
     budgets: frozenset[tuple[int, int | None]] = frozenset()
     config: TrainConfig | None = None
+    unstable_seeds: tuple[int, ...] = ()
 
     @property
     def seeds(self) -> int:
@@ -271,54 +284,68 @@ def designed_cells(trials: pd.DataFrame, metric: str = "test_acc") -> dict[str, 
     names = [p.name for p in build_space()]
     for name, group in trials[trials["cell"].notna()].groupby("cell", sort=False):
         values: dict[int, float] = {}
-        diverged, failed, budgets = [], [], set()
+        diverged, failed, unstable, budgets = [], [], [], set()
         for seed, attempts in group.groupby("seed"):
             kinds = [attempt_kind(*r) for r in attempts[["state", "stop_reason", "fail_reason"]].itertuples(index=False)]
             outcome = settle(kinds)
+            if "diverged" in kinds and outcome != "diverged":
+                unstable.append(int(seed))  # named, never hidden: it diverged once, whatever its rerun does
             if outcome not in ("complete", "diverged", "failed"):
                 continue
             counted = attempts[[k in ("complete", "diverged", "failed") for k in kinds]]
             if outcome == "complete":
                 counted = counted[counted["state"] == "COMPLETE"].iloc[-1:]
-                values[int(seed)] = float(counted[metric].iloc[0] * 100)
+                value = float(counted[metric].iloc[0] * 100)
+                if math.isfinite(value):
+                    values[int(seed)] = value
+                else:  # a finished trial without its accuracy: data to repair, not a number
+                    failed.append(int(seed))
             else:
                 (diverged if outcome == "diverged" else failed).append(int(seed))
             for epochs, images in counted[["epochs", "train_images"]].itertuples(index=False):
                 budgets.add((int(epochs), None if pd.isna(images) else int(images)))
         latest = group.sort_values("number").iloc[-1]
         config = config_from_params({k: latest[k] for k in names}) if all(k in group for k in names) else None
-        cells[str(name)] = CellData(values, tuple(sorted(diverged)), tuple(sorted(failed)), frozenset(budgets), config)
+        cells[str(name)] = CellData(values, tuple(sorted(diverged)), tuple(sorted(failed)), frozenset(budgets), config,
+                                    tuple(sorted(unstable)))
     return cells
 
 
 def compare(level: CellData, reference: CellData) -> Interval:
     """level - reference in points: paired t over the seeds both trained, Welch where fewer than 2 seeds pair.
-    `n` is the number of pairs (0 under Welch: none were used)."""
+    `n` is the number of pairs used (0 under Welch: none were)."""
     shared = sorted(set(level.values) & set(reference.values))
     if len(shared) >= 2:
         return paired_diff(np.array([level.values[s] for s in shared]), np.array([reference.values[s] for s in shared]))
     welch = welch_diff(np.array(list(level.values.values())), np.array(list(reference.values.values())))
-    return dataclasses.replace(welch, n=len(shared))
+    return dataclasses.replace(welch, n=0)
 
 
 def _budget_text(budgets: frozenset[tuple[int, int | None]]) -> str:
     return " and ".join(f"{e} epochs on {'unknown' if i is None else f'{i:,}'} images" for e, i in sorted(budgets, key=str))
 
 
-def budget_note(claim: Claim, tier: int, level: CellData, reference: CellData | None) -> str | None:
+def claim_images(claim: Claim, data: StudyData) -> int | None:
+    """The train images the claim is about: its own, or the whole train split of the data it is judged on."""
+    if claim.budget.train_images is not None:
+        return claim.budget.train_images
+    spec = load_data_specs().get(data.name or claim.data[0])
+    return spec.train_images if spec else None
+
+
+def budget_note(claim: Claim, tier: int, level: CellData, reference: CellData | None, images: int) -> str | None:
     """Why the seeds' budget is not the claim's (None when every seed of the level and of its reference matches)."""
     b = claim.budget
     epochs, ref_epochs = b.at(tier)
-    source = "named by the assignment" if b.source == "assignment" else "declared by bench"
     claimed = f"{epochs}" + (f" vs {ref_epochs}" if claim.measure == "difference" and ref_epochs != epochs else "")
-    about = f"the claim is about {claimed} epochs on {b.train_images:,} images ({source})"
+    about = f"the claim is about {claimed} epochs on {images:,} images ({b.source_text})"
     checks = [("", level, epochs)] + ([("reference: ", reference, ref_epochs)]
                                       if claim.measure == "difference" and reference is not None else [])
     for who, data, want in checks:
         if len(data.budgets) > 1:
             return f"{who}seeds ran at mixed budgets ({_budget_text(data.budgets)}); {about}"
-        for e, images in data.budgets:
-            if e != want or images is None or images < BUDGET_IMAGES_SHARE * b.train_images:
+        for e, seen in data.budgets:
+            if e != want or seen is None or seen < BUDGET_IMAGES_SHARE * images:
                 return f"{who}ran {_budget_text(data.budgets)}; {about}"
     return None
 
@@ -334,8 +361,19 @@ def _seed_list(seeds: tuple[int, ...]) -> str:
     return ("seed " if len(seeds) == 1 else "seeds ") + ", ".join(map(str, seeds))
 
 
+def _divergence_notes(data: CellData) -> list[str]:
+    notes = [f"{data.diverged} of {data.seeds} diverged ({_seed_list(data.diverged_seeds)})"] if data.diverged else []
+    once = [s for s in data.unstable_seeds if s in data.values]
+    pending = [s for s in data.unstable_seeds if s not in data.values]
+    if once:
+        notes.append(f"{_seed_list(tuple(once))} diverged once, then trained on the rerun")
+    if pending:
+        notes.append(f"{_seed_list(tuple(pending))} diverged once, rerun pending")
+    return notes
+
+
 def _designed_row(level: Level, tier: int, cell: str, cells: dict[str, CellData], claim: Claim | None,
-                  data_problem: str | None, levels: tuple[Level, ...]) -> dict[str, Any]:
+                  study_data: StudyData, levels: tuple[Level, ...]) -> dict[str, Any]:
     data = cells.get(cell)
     # at the claim's reference epochs ("20 epochs" is compared with the baseline at 5); an accuracy claim, or a level
     # with no claim, shows its difference from the baseline recipe at its own tier
@@ -360,48 +398,41 @@ def _designed_row(level: Level, tier: int, cell: str, cells: dict[str, CellData]
             "train_images": data.train_images}
     judged = acc if claim is not None and claim.measure == "accuracy" else diff
     row["half_width"] = judged.half_width
-    notes = []
-    if data.diverged:
-        notes.append(f"{data.diverged} of {data.seeds} diverged ({_seed_list(data.diverged_seeds)})")
-    if reference is not None and reference.diverged and (claim is None or claim.measure == "difference"):
-        notes.append(f"reference {reference_name}: {reference.diverged} of {reference.seeds} diverged "
-                     f"({_seed_list(reference.diverged_seeds)})")
+    notes = _divergence_notes(data)
+    if reference is not None and (claim is None or claim.measure == "difference"):
+        notes += [f"reference {reference_name}: {note}" for note in _divergence_notes(reference)]
     bad_ref = reference is not None and claim is not None and claim.measure == "difference"
     inert = inert_techniques(data.config) if data.config is not None else []
     test = None
     if claim is None:
         status, why = "no claim", ""
-    elif data_problem is not None:
-        status, why = "claim is about CIFAR-10", data_problem
+    elif (problem := study_data.problem(claim)) is not None:
+        status, why = f"claim is about {' or '.join(claim.data)}", problem
     elif inert:
         status, why = "inert at this budget", "; ".join(inert)
     elif claim.measure == "difference" and (reference is None or not reference.seeds):
         status, why = "no data", f"reference cell {reference_name} not run in this study"
-    elif (budget := budget_note(claim, tier, data, reference)) is not None:
+    elif (budget := budget_note(claim, tier, data, reference, claim_images(claim, study_data))) is not None:
         status, why = "not tested at this budget", budget
     elif not claim.quantified:
         status, why = "not quantified", "the assignment gives no number to test"
     elif data.failed or (bad_ref and reference.failed):
         status, why = "incomplete", "a seed failed twice (level or reference)"
-    elif data.diverged or (bad_ref and reference.diverged):
+    elif data.diverged or data.unstable_seeds or (bad_ref and (reference.diverged or reference.unstable_seeds)):
         status, why = "no verdict: diverged", DIVERGED_RULE
     elif judged.n < MIN_PAIRS or (claim.measure == "difference" and judged.method != "paired t"):
         status, why = "too few seeds", f"{judged.n} {'pairs' if judged is diff else 'seeds'}; a verdict needs {MIN_PAIRS}"
     elif (test := claim_test(judged, claim.low, claim.high)) is None:
-        status, why = "no verdict: no spread", "identical values on every seed: an interval of zero width says nothing"
+        same = "differences" if judged is diff else "values"
+        status, why = "no verdict: no spread", f"identical {same} on every seed: an interval of zero width says nothing"
     else:
         status, why = "pending", ""
     if test is not None:
-        sd = judged.se * math.sqrt(judged.n)
-        lo = -math.inf if claim.low is None else claim.low
-        hi = math.inf if claim.high is None else claim.high
+        lo, hi = claim_bounds(claim.low, claim.high)
         gap = min(judged.mean - lo, hi - judged.mean) if lo <= judged.mean <= hi else max(lo - judged.mean, judged.mean - hi)
-        needed = seeds_needed(sd, gap)
-        row |= {"p_raw": test.p, "direction": test.direction, "seeds_needed": needed}
-        if needed is None or needed > judged.n:
-            notes.append(f"a {'support' if test.direction == 'supported' else 'contradiction'} at 95% needs "
-                         + (f"about {needed} seed pairs" if needed else "more than 1,000 seed pairs")
-                         + f" at the measured spread (sd {sd:.2f})")
+        # what Holm's level for this row will need is decided with the family (_apply_holm)
+        row |= {"p_raw": test.p, "direction": test.direction, "_sd": judged.se * math.sqrt(judged.n), "_gap": gap,
+                "_n": judged.n, "_unit": "seed pairs" if judged is diff else "seeds"}
     if claim is not None and claim.wording == "possible" and status not in ("no claim",):
         notes.append("'possible' claim: read on the mean over seeds")
     if why:
@@ -472,7 +503,7 @@ def matrix_frame(trials: pd.DataFrame, *, levels: tuple[Level, ...] = MATRIX_LEV
     designed = bool(cells)
     by_level = claims_by_level(claims)
     all_levels = ((BASELINE_LEVEL,) if BASELINE_CELL in by_level else ()) + tuple(levels)
-    problem = data_mismatch(data_attrs or {})
+    study_data = identify_data(data_attrs or {})
     rows = []
     if designed:
         for r in matrix_rows(budgets, all_levels):
@@ -481,8 +512,8 @@ def matrix_frame(trials: pd.DataFrame, *, levels: tuple[Level, ...] = MATRIX_LEV
                         and r.level.budgets is None:
                     continue  # a claim that names its budget is shown at that tier only
                 row = {"factor": r.level.factor, "level": r.level.name}
-                row |= _designed_row(r.level, r.budget, r.cell, cells, claim, problem, tuple(levels))
-                rows.append(row | _claim_columns(claim, r.budget) | {"method": DESIGNED_METHOD})
+                row |= _designed_row(r.level, r.budget, r.cell, cells, claim, study_data, tuple(levels))
+                rows.append(row | _claim_columns(claim, r.budget, study_data) | {"method": DESIGNED_METHOD})
         _apply_holm(rows)
     else:
         done = trials[(trials["state"] == "COMPLETE") & trials[metric].notna()]
@@ -498,14 +529,14 @@ def matrix_frame(trials: pd.DataFrame, *, levels: tuple[Level, ...] = MATRIX_LEV
                              "n_reference": len(ref_acc), "mean_acc": acc.mean() if len(acc) else math.nan,
                              "diff": acc.mean() - ref_acc.mean() if len(acc) and len(ref_acc) else math.nan,
                              "verdict": "exploratory", "note": "confounded: descriptive difference of means, no interval"}
-                            | _claim_columns(claim, None) | {"method": SEARCH_METHOD})
+                            | _claim_columns(claim, None, study_data) | {"method": SEARCH_METHOD})
     frame = pd.DataFrame(rows, columns=MATRIX_COLUMNS)
     frame["n"] = frame["n"].fillna(0).astype(int)
     frame["factor"] = pd.Categorical(frame["factor"], categories=FACTORS, ordered=True)
     return frame.sort_values(["factor"], kind="stable").reset_index(drop=True)
 
 
-def _claim_columns(claim: Claim | None, tier: int | None) -> dict[str, Any]:
+def _claim_columns(claim: Claim | None, tier: int | None, study_data: StudyData) -> dict[str, Any]:
     if claim is None:
         return {}
     b = claim.budget
@@ -514,8 +545,7 @@ def _claim_columns(claim: Claim | None, tier: int | None) -> dict[str, Any]:
             "claim_wording": claim.wording, "claim_measure": claim.measure, "claim_low": claim.low,
             "claim_high": claim.high, "claim_epochs": epochs,
             "claim_reference_epochs": ref_epochs if claim.measure == "difference" else None,
-            "claim_train_images": b.train_images,
-            "claim_budget_source": "named by the assignment" if b.source == "assignment" else "declared by bench"}
+            "claim_train_images": claim_images(claim, study_data), "claim_budget_source": b.source_text}
 
 
 def _apply_holm(rows: list[dict[str, Any]]) -> None:
@@ -527,6 +557,13 @@ def _apply_holm(rows: list[dict[str, Any]]) -> None:
         if not math.isfinite(p):
             continue
         row["p_holm"], row["holm_level"], row["n_tests"] = p, level, tests
+        needed = seeds_needed(row["_sd"], row["_gap"], confidence=level)
+        row["seeds_needed"] = needed
+        if needed is None or needed > row["_n"]:
+            row["note"] = "; ".join(x for x in (row["note"], (
+                f"a {'support' if row['direction'] == 'supported' else 'contradiction'} at this row's {level:.2%} needs "
+                + (f"about {needed} {row['_unit']}" if needed else f"more than 1,000 {row['_unit']}")
+                + f" at the measured spread (sd {row['_sd']:.2f})")) if x)
         row["verdict"] = row["direction"] if p <= 1 - CONFIDENCE else "inconclusive"
         if row["verdict"] == "inconclusive" and row.get("p_raw", 1) <= 1 - CONFIDENCE:
             row["note"] = "; ".join(x for x in (f"would be {row['direction']} alone at 95% (raw p {row['p_raw']:.3f}); "
@@ -593,11 +630,16 @@ def cumulative_frame(trials: pd.DataFrame, metric: str = "test_acc",
                                        "step_diff", "step_low", "step_high", "n_pairs"])
 
 
+def member_seconds(trials: pd.DataFrame) -> pd.Series:
+    """Each trial's share of its train seconds: a packed trial's wall time divided by its pack's size."""
+    return trials["train_seconds"] / pd.to_numeric(trials["pack_size"], errors="coerce").fillna(1).clip(lower=1)
+
+
 def pareto_front_rows(trials: pd.DataFrame) -> pd.DataFrame:
     """Completed trials no other beats on both test accuracy (higher) and its share of train seconds (lower).
     A packed trial is charged its share of the pack's wall time (seconds / pack size)."""
     done = trials[trials["state"] == "COMPLETE"].dropna(subset=["test_acc", "train_seconds"]).copy()
-    done["cost_seconds"] = done["train_seconds"] / pd.to_numeric(done["pack_size"], errors="coerce").fillna(1).clip(lower=1)
+    done["cost_seconds"] = member_seconds(done)
     ordered = done.sort_values(["cost_seconds", "test_acc"], ascending=[True, False])
     front, best = [], -np.inf
     for idx, acc in ordered["test_acc"].items():

@@ -64,7 +64,7 @@ def tier_reference(budget: int, levels: Sequence[Level] = MATRIX_LEVELS) -> str:
     if budget == BASELINE.epochs:
         return BASELINE_CELL
     for level in levels:  # "20 epochs" is the baseline recipe at 20
-        if dict(level.changes) == {"epochs": budget}:
+        if level.budgets is not None and budget in level.budgets and level.config(budget) == BASELINE.replace(epochs=budget):
             return level.name
     return f"{BASELINE_CELL} @{budget} ep"
 

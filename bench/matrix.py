@@ -62,7 +62,7 @@ def describe(cells: Sequence[Cell], train_images: int, done: int) -> list[str]:
         group = [c for c in cells if c.name == name]
         cfg = group[0].config
         values = dataclasses.asdict(cfg)
-        shown = {k: v for k, v in values.items() if k != "epochs" and v != getattr(BASELINE, k)}
+        shown = {k: v for k, v in dataclasses.asdict(cfg.replace(epochs=BASELINE.epochs)).items() if v != getattr(BASELINE, k)}
         for p in build_space():  # a changed knob's own settings (StepLR's step and gamma), also where they are defaults
             if p.when and values[p.when[0]] != getattr(BASELINE, p.when[0]) and is_active(p, values):
                 shown[p.name] = values[p.name]

@@ -12,12 +12,13 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
-from bench.space import TrainConfig, preset_config
+from bench.space import CONV_LAYOUTS, TrainConfig, preset_config
 
 if TYPE_CHECKING:
     from bench.data import Dataset
 
 BASE_CHANNELS = (32, 64, 128, 256, 256)
+STAGES, ASSIGNMENT_BLOCK = CONV_LAYOUTS  # TinyCNN's conv-pool stages; the assignment's printed block
 
 
 class ResidualBlock(nn.Module):
@@ -73,19 +74,19 @@ def _assignment_block(in_channels: int, cfg: TrainConfig) -> list[nn.Module]:
 
 def feature_dropout(cfg: TrainConfig) -> float:
     """Dropout inside the conv features: the assignment's block has it after its third conv."""
-    return cfg.dropout if cfg.conv_layout == "assignment" else 0.0
+    return cfg.dropout if cfg.conv_layout == ASSIGNMENT_BLOCK else 0.0
 
 
 def head_dropout(cfg: TrainConfig) -> float:
     """Dropout in the classifier: the stages layout puts it there; the assignment's block has none in its head."""
-    return 0.0 if cfg.conv_layout == "assignment" else cfg.dropout
+    return 0.0 if cfg.conv_layout == ASSIGNMENT_BLOCK else cfg.dropout
 
 
 def build_model(cfg: TrainConfig, in_channels: int, image_size: tuple[int, int], num_classes: int) -> ConvNet:
-    if cfg.conv_layout == "assignment":
+    if cfg.conv_layout == ASSIGNMENT_BLOCK:
         return _with_classifier(nn.Sequential(*_assignment_block(in_channels, cfg), nn.Flatten()), cfg, in_channels,
                                 image_size, num_classes)
-    if cfg.conv_layout != "stages":
+    if cfg.conv_layout not in CONV_LAYOUTS:
         raise ValueError(f"unknown conv_layout {cfg.conv_layout!r}")
     blocks = 2 + cfg.extra_blocks
     if blocks > len(BASE_CHANNELS):

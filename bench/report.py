@@ -35,8 +35,8 @@ from bench.analysis import (  # noqa: E402
     csv_frame,
     cumulative_frame,
     designed_cells,
-    load_data_spec,
     matrix_frame,
+    member_seconds,
     param_importances,
     pareto_front_rows,
     trials_frame,
@@ -151,9 +151,8 @@ def plot_pareto(trials: pd.DataFrame) -> Figure | None:
     if done.empty:
         return None
     front = pareto_front_rows(done)
-    cost = done["train_seconds"] / pd.to_numeric(done["pack_size"], errors="coerce").fillna(1).clip(lower=1)
     fig, ax = plt.subplots(figsize=(7, 4))
-    ax.scatter(cost, done["test_acc"] * 100, s=14, alpha=0.6, label="trial (one run each)")
+    ax.scatter(member_seconds(done), done["test_acc"] * 100, s=14, alpha=0.6, label="trial (one run each)")
     ax.step(front["cost_seconds"], front["test_acc"] * 100, where="post", color="C3", marker="o",
             label="Pareto front of single runs")
     ax.set(xlabel="train seconds (a packed trial: its share of the pack)", ylabel="test accuracy (%)",
@@ -280,8 +279,11 @@ def matrix_display(matrix: pd.DataFrame) -> pd.DataFrame:
         diff = [DASH if not np.isfinite(d) else f"{d:+.2f} (confounded)" for d in matrix["diff"].astype(float)]
     claim = [DASH if not isinstance(c, str) else f"{i}: {c}" + (f" (read: {r})" if isinstance(r, str) else "")
              for i, c, r in zip(matrix["claim_id"], matrix["claim"], matrix["claim_reading"], strict=True)]
-    columns = {
-        "factor": matrix["factor"].astype(str), "level": matrix["level"], "vs": matrix["reference"].fillna(DASH), "n": n_text,
+    columns = {"factor": matrix["factor"].astype(str), "level": matrix["level"]}
+    if designed:
+        columns["tier"] = [DASH if _missing(b) else f"{int(b)} ep" for b in matrix["budget"].astype(float)]
+    columns |= {
+        "vs": matrix["reference"].fillna(DASH), "n": n_text,
         "test acc % [95% CI]" if designed else "mean test acc %": acc,
         "diff, points [95% CI]" if designed else "diff, points": diff,
     }
@@ -362,13 +364,14 @@ def summary_items(study: optuna.Study, trials: pd.DataFrame, cells: dict[str, Ce
         items.append(("validation noise", f"one accuracy on {val_images} validation images is +-{half:.1f} points (95%, "
                                           "binomial): trials closer than that are not ranked; use a larger --val-split "
                                           "or bench.matrix"))
-    if cells:
-        best_cell = max((c for c in cells.items() if c[1].values), default=None,
-                        key=lambda kv: float(np.mean(list(kv[1].values.values()))))
-        if best_cell is not None:
-            ci = mean_interval(np.array(list(best_cell[1].values.values())))
-            items.insert(0, ("best cell (mean over seeds)", f"{best_cell[0]}: test " + ci_text(ci.mean, ci.low, ci.high, ci.n)
-                             + f" %, {ci.n} seeds"))
+    if cells:  # only cells whose every seed trained, with enough of them for an interval
+        whole = {name: c for name, c in cells.items() if len(c.values) >= MIN_PAIRS and not c.diverged
+                 and not c.failed and not c.unstable_seeds}
+        if whole:
+            name, best = max(whole.items(), key=lambda kv: float(np.mean(list(kv[1].values.values()))))
+            ci = mean_interval(np.array(list(best.values.values())))
+            items.insert(0, (f"best cell, selected from {len(whole)} cells (optimistic; mean over its seeds)",
+                             f"{name}: test {ci_text(ci.mean, ci.low, ci.high, ci.n)} %, {ci.n} seeds"))
     if not done.empty:
         best = done.loc[done["val_acc"].idxmax()]
         items.append((f"best trial, selected from {len(done)} trials (optimistic)",
@@ -415,9 +418,10 @@ def render_html(study: optuna.Study, trials: pd.DataFrame, matrix: pd.DataFrame,
                          "tier, 95% paired t-interval over the seeds both trained; 'resolves +-' is the interval's "
                          "half-width, the smallest difference the row can tell from none. Verdict: supported when the "
                          "interval lies inside the claim, contradicted when wholly outside, else inconclusive; given "
-                         f"only with at least {MIN_PAIRS} seed pairs, on {esc(load_data_spec().name)}, at the claim's "
-                         "budget (named by the assignment, or declared by bench where it names none: each such claim is "
-                         "tested at 5 and at 20 epochs), for a claim with numbers, with no seed diverged or failed in the "
+                         f"only with at least {MIN_PAIRS} seed pairs, on the data the claim is about (CIFAR-10; focal "
+                         "loss's also Fashion-MNIST), at the claim's budget (named by the assignment, or declared by "
+                         "bench where it names none: each such claim is tested at every budget tier of the study), for "
+                         "a claim with numbers, with no seed diverged (even once) or failed in the "
                          "level or its reference (diverged seeds are named, never dropped silently), and with some "
                          f"spread between seeds. {esc(holm_text)} 'Possible' claims ('can reach', 'up to') are read "
                          "on the mean over seeds, as every other claim.</p>")
@@ -479,7 +483,7 @@ def write_report(study: optuna.Study, out: Path, *, fmt: str = "html") -> list[P
     out.mkdir(parents=True, exist_ok=True)
     trials = trials_frame(study)
     cells = designed_cells(trials)  # once: the matrix, the cumulative path and the summary all read it
-    budgets = tuple(sorted(set(BUDGET_TIERS) | set(study.user_attrs.get("bench.budgets", []))))
+    budgets = tuple(sorted(study.user_attrs.get("bench.budgets") or BUDGET_TIERS))  # the tiers the study was run at
     matrix = matrix_frame(trials, cells=cells, data_attrs=study.user_attrs, budgets=budgets)
     written = [out / "trials.csv", out / "matrix.csv"]
     csv_frame(trials).to_csv(written[0], index=False)
@@ -488,6 +492,8 @@ def write_report(study: optuna.Study, out: Path, *, fmt: str = "html") -> list[P
     if not cumulative.empty:
         cumulative.to_csv(out / "cumulative.csv", index=False)
         written.append(out / "cumulative.csv")
+    else:
+        (out / "cumulative.csv").unlink(missing_ok=True)  # never a stale path from an earlier report
     if fmt == "csv":
         return written
     if fmt == "markdown":

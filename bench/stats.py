@@ -122,13 +122,17 @@ def claim_test(est: Interval, low: float | None, high: float | None) -> ClaimTes
     """None when no test exists: no interval, or an interval of zero width (identical values say nothing)."""
     if not (math.isfinite(est.se) and est.se > 0 and est.df > 0 and math.isfinite(est.mean)):
         return None
-    lo = -math.inf if low is None else low
-    hi = math.inf if high is None else high
+    lo, hi = claim_bounds(low, high)
     sf = lambda t: float(stats.t.sf(t, est.df))  # noqa: E731 - one-sided tail beyond t
     m, se = est.mean, est.se
     if lo <= m <= hi:  # both one-sided tests (TOST) must reject "outside the range"
         return ClaimTest("supported", min(1.0, 2 * max(sf((m - lo) / se), sf((hi - m) / se))))
     return ClaimTest("contradicted", min(1.0, 2 * sf(((lo - m) if m < lo else (m - hi)) / se)))
+
+
+def claim_bounds(low: float | None, high: float | None) -> tuple[float, float]:
+    """A claimed range with its open ends as infinities."""
+    return -math.inf if low is None else low, math.inf if high is None else high
 
 
 def holm(pvalues: list[float]) -> list[float]:
@@ -155,19 +159,18 @@ def holm_levels(pvalues: list[float]) -> list[float]:
     return levels
 
 
-def seeds_needed(sd: float, half_width: float, *, most: int = 1000) -> int | None:
-    """Seed pairs for a paired t-interval with this sd to be at most `half_width` wide each side (None: more than `most`)."""
+def seeds_needed(sd: float, half_width: float, *, confidence: float = CONFIDENCE, most: int = 1000) -> int | None:
+    """Seed pairs for a paired t-interval (two-sided `confidence`) with this sd to be at most `half_width` wide each
+    side (None: more than `most`)."""
     if not (math.isfinite(sd) and math.isfinite(half_width)) or half_width <= 0:
         return None
-    if sd == 0:
-        return MIN_PAIRS
-    n, factor = _half_width_factors(most)
+    n, factor = _half_width_factors(most, round(confidence, 6))
     fits = np.nonzero(factor * sd <= half_width)[0]
     return int(n[fits[0]]) if len(fits) else None
 
 
-@functools.lru_cache(maxsize=4)
-def _half_width_factors(most: int) -> tuple[np.ndarray, np.ndarray]:
-    """n and t(n-1) / sqrt(n) for n = MIN_PAIRS..most: the half-width of a 95% interval per unit sd."""
+@functools.lru_cache(maxsize=64)
+def _half_width_factors(most: int, confidence: float) -> tuple[np.ndarray, np.ndarray]:
+    """n and t(n-1) / sqrt(n) for n = MIN_PAIRS..most: the half-width of an interval at `confidence` per unit sd."""
     n = np.arange(MIN_PAIRS, most + 1)
-    return n, stats.t.ppf(0.5 + CONFIDENCE / 2, n - 1) / np.sqrt(n)
+    return n, stats.t.ppf(0.5 + confidence / 2, n - 1) / np.sqrt(n)

@@ -8,13 +8,13 @@ import optuna
 import pandas as pd
 import pytest
 from optuna.trial import TrialState, create_trial
+from scipy import stats as sps
 
 from bench.analysis import (
     BASELINE_CELL,
     matrix_frame,
     pareto_front_rows,
     trials_frame,
-    verdict,
 )
 from bench.errors import run_cli
 from bench.objective import Attr
@@ -82,16 +82,25 @@ def designed_study(name="designed"):
     return study
 
 
-@pytest.mark.parametrize("low, high, claim, expected", [
-    (8.0, 12.0, (0.0, None), "supported"),
-    (8.0, 12.0, (None, 0.0), "contradicted"),
-    (-1.0, 3.0, (2.0, 3.0), "inconclusive"),
-    (0.5, 1.5, (10.0, None), "contradicted"),
-    (2.1, 2.9, (2.0, 3.0), "supported"),
-    (math.nan, math.nan, (0.0, None), "inconclusive"),
+@pytest.mark.parametrize("mean, se, claim, expected", [
+    (10.0, 0.5, (0.0, None), "supported"),
+    (10.0, 0.5, (None, 0.0), "contradicted"),
+    (1.0, 0.5, (2.0, 3.0), "contradicted"),  # raw p 0.14 > 0.05: the row reads inconclusive
+    (2.5, 0.1, (2.0, 3.0), "supported"),
+    (2.5, 0.0, (2.0, 3.0), None),  # zero width: no test
 ])
-def test_verdicts(low, high, claim, expected):
-    assert verdict(low, high, *claim) == expected
+def test_claim_test_direction_and_p_scale(mean, se, claim, expected):
+    from bench.stats import Interval, claim_test
+
+    est = Interval(mean, math.nan, math.nan, 5, "paired t", se, 4.0)
+    test = claim_test(est, *claim)
+    assert (test.direction if test else None) == expected
+    if test is not None:  # p <= 0.05 exactly when the 95% interval lies inside (or wholly outside) the range
+        half = sps.t.ppf(0.975, 4) * se
+        lo, hi = (-math.inf if claim[0] is None else claim[0]), (math.inf if claim[1] is None else claim[1])
+        inside = lo <= mean - half and mean + half <= hi
+        outside = mean + half < lo or mean - half > hi
+        assert (test.p <= 0.05) == (inside or outside)
 
 
 def test_designed_matrix_gives_known_means_and_verdicts():
@@ -239,7 +248,7 @@ def test_full_report_is_offline_and_embeds_every_plot(tmp_path):
     assert not re.search(r"(src|href)=['\"]?https?://", page) and "http://" not in page and "https://" not in page
     assert (tmp_path / "trials.csv").read_text().count("\n") == 16
     assert "BatchNorm" in (tmp_path / "matrix.csv").read_text()
-    assert "selected from 15 trials (optimistic)" in page and "best cell (mean over seeds)" in page
+    assert "selected from 15 trials (optimistic)" in page and "best cell, selected from 5 cells (optimistic" in page
     assert "Holm" in page and "parameter importance is left out for designed studies" in page
 
 

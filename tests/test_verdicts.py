@@ -129,20 +129,28 @@ def _one_claim_matrix(level_vals, base_vals, **kw) -> pd.Series:
 @pytest.mark.parametrize("attrs, shown", [
     ({"bench.data_classes": ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag",
                              "Ankle boot"], "bench.data_channels": 1, "bench.data_image_size": [28, 28],
-      "bench.data_train_images": 60_000}, "10 classes, 1x28x28, 60,000 train images"),
+      "bench.data_train_images": 60_000}, "data is Fashion-MNIST"),
     ({"bench.data_classes": ["cat", "dog"], "bench.data_channels": 3, "bench.data_image_size": [32, 32],
       "bench.data_train_images": 50_000}, "2 classes, 3x32x32"),
     ({}, "did not record its data"),
+    ({**CIFAR10, "bench.data_train_images": None}, "malformed"),
 ])
-def test_other_data_gets_numbers_but_no_cifar10_verdict(attrs, shown):
+def test_other_data_gets_numbers_but_no_verdict_on_claims_about_cifar10(attrs, shown):
     rng = np.random.default_rng(0)
     values = simulate(dict.fromkeys(CELLS, 91.9), rng)
     values["Adam lr 1e-3"] = [91.9 + x for x in rng.normal(0, 0.3, 5)]
-    matrix = matrix_frame(EMPTY, cells=cells_from(values), data_attrs=attrs)
+    matrix = matrix_frame(EMPTY, cells=cells_from(values, images=54_000), data_attrs=attrs)
     quantified = matrix[matrix["claim_low"].notna() | matrix["claim_high"].notna()]
-    assert not matrix["verdict"].isin(VERDICTS).any()
-    assert (quantified["verdict"] == "claim is about CIFAR-10").all() and quantified["note"].str.contains(shown).all()
+    cifar_only = quantified[quantified["claim_id"] != "C7"]
+    assert not cifar_only["verdict"].isin(VERDICTS).any()
+    assert (cifar_only["verdict"] == "claim is about CIFAR-10").all() and cifar_only["note"].str.contains(shown).all()
     assert quantified["mean_acc"].notna().all()  # the numbers are still shown
+    focal = quantified[quantified["claim_id"] == "C7"]  # "on balanced data such as Fashion-MNIST its effect is limited"
+    if shown == "data is Fashion-MNIST":
+        assert not focal["verdict"].str.startswith("claim is about").any()  # judged on Fashion-MNIST too
+        assert (focal["claim_train_images"] == 60_000).all()
+    else:
+        assert (focal["verdict"] == "claim is about CIFAR-10 or Fashion-MNIST").all()
 
 
 def test_fully_diverged_reference_gives_no_verdict_and_names_its_seeds():
@@ -208,3 +216,47 @@ def test_every_claim_cites_the_spec_and_names_a_known_level():
         assert claim.budget.source in ("assignment", "bench")
         assert claim.budget.source == "assignment" or claim.budget.epochs is None  # no named budget: every tier
     assert BUDGET_TIERS == (5, 20)
+
+
+def test_a_seed_that_diverged_once_is_named_and_stops_the_verdict():
+    """Seed 4 diverged, and its rerun is pending or trained: the row names it and gives no verdict either way."""
+    import optuna
+    from optuna.trial import TrialState
+
+    from bench.space import BASELINE
+    from tests.test_report import add_cell, add_trial, matrix_of, row
+
+    for rerun in (False, True):
+        study = optuna.create_study(direction="maximize")
+        for key, value in CIFAR10.items():
+            study.set_user_attr(key, value)
+        smooth = BASELINE.replace(label_smoothing=0.1)
+        add_cell(study, "baseline", BASELINE, (0.50, 0.52, 0.54, 0.51, 0.53))
+        add_cell(study, "label smoothing 0.1", smooth, (0.60, 0.62, 0.64, 0.61))
+        add_trial(study, smooth, state=TrialState.PRUNED, cell="label smoothing 0.1", seed=4, stop_reason="diverged")
+        if rerun:
+            add_trial(study, smooth, test_acc=0.63, cell="label smoothing 0.1", seed=4)
+        r = row(matrix_of(study), "label smoothing 0.1")
+        assert r["verdict"] == "no verdict: diverged"
+        assert ("seed 4 diverged once, then trained on the rerun" if rerun else "seed 4 diverged once, rerun pending") in r["note"]
+
+
+def test_a_finished_trial_without_its_accuracy_is_not_a_number():
+    import optuna
+
+    from bench.objective import Attr
+    from bench.space import BASELINE
+    from tests.test_report import DISTS, SPACE, add_cell, matrix_of, params_for_config, row
+
+    study = optuna.create_study(direction="maximize")
+    for key, value in CIFAR10.items():
+        study.set_user_attr(key, value)
+    smooth = BASELINE.replace(label_smoothing=0.1)
+    add_cell(study, "baseline", BASELINE, (0.50, 0.52, 0.54))
+    add_cell(study, "label smoothing 0.1", smooth, (0.60, 0.62))
+    params = params_for_config(smooth, SPACE)  # seed 2 finished, but its test accuracy was never stored
+    study.add_trial(optuna.trial.create_trial(
+        params=params, distributions={k: DISTS[k] for k in params}, value=0.6,
+        user_attrs={Attr.CELL: "label smoothing 0.1", Attr.SEED: 2, Attr.TRAIN_IMAGES: 45_000, Attr.NUM_CLASSES: 10}))
+    r = row(matrix_of(study), "label smoothing 0.1")
+    assert r["n_failed"] == 1 and r["verdict"] == "incomplete" and r["mean_acc"] == pytest.approx(61.0)

@@ -320,6 +320,7 @@ def fit_pack(members: Sequence[Member], splits: Splits, *, device: torch.device,
     optimizer = PackedOptimizer(packed.parameters(), [m.cfg for m in members], device)
     scaler = torch.amp.GradScaler("cuda", enabled=dtype == torch.float16 and device.type == "cuda")
     state = _PackState(slots, packed, optimizer, device, compile_model)
+    state.update_lrs()  # a schedule's own first lr (OneCycle starts at max_lr / 25, not at the optimizer's lr)
     epoch_start = math.nan
     try:
         for epoch in range(1, max(m.cfg.epochs for m in members) + 1):

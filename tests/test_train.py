@@ -147,3 +147,27 @@ def test_onecycle_keeps_the_searched_momentum():
 ])
 def test_inert_techniques(changes, inert):
     assert bool(inert_techniques(BASELINE.replace(**changes))) == inert
+
+
+def test_onecycle_uses_torchs_lr_from_the_first_step(splits, monkeypatch):
+    """Every step's lr equals torch's OneCycleLR sequence, the first included (it starts at max_lr / 25)."""
+    from bench.packed_optim import PackedOptimizer
+
+    cfg = ONE_EPOCH.replace(epochs=2, scheduler="onecycle", lr=0.01, batch_size=8)
+    used, real_step = [], PackedOptimizer.step
+
+    def recording_step(self, closure=None):
+        used.append(self.lrs[0])
+        return real_step(self, closure)
+
+    monkeypatch.setattr(PackedOptimizer, "step", recording_step)
+    train(splits, cfg, precision="fp32")
+    steps = len(used)
+    reference = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=cfg.lr)
+    schedule = torch.optim.lr_scheduler.OneCycleLR(reference, max_lr=cfg.lr, total_steps=steps, cycle_momentum=False)
+    expected = []
+    for _ in range(steps):
+        expected.append(reference.param_groups[0]["lr"])
+        reference.step()
+        schedule.step()
+    assert used[0] == pytest.approx(cfg.lr / 25) and used == pytest.approx(expected)

@@ -27,7 +27,7 @@ from bench.design import (
     matrix_rows,
     resolve_reference,
 )
-from bench.objective import Attr
+from bench.objective import Attr, DataAttr
 from bench.space import (
     BASELINE,
     BUDGET_TIERS,
@@ -181,10 +181,6 @@ def load_data_specs() -> dict[str, DataSpec]:
             for name, d in _claims_file()["datasets"].items()}
 
 
-# study attributes bench.run/bench.matrix record (bench.run.record_budget) so claims are checked against the data
-DATA_ATTRS = ("bench.data_classes", "bench.data_channels", "bench.data_image_size", "bench.data_train_images")
-
-
 @dataclass(frozen=True)
 class StudyData:
     """Which of the claims' datasets a study trained on (None: none of them), and how to say what it was."""
@@ -203,8 +199,8 @@ def identify_data(attrs: dict[str, Any]) -> StudyData:
     """The study's data as one of claims.json's datasets: a copy counts when its class names, image shape and train
     images match (an ImageFolder tree of CIFAR-10 is CIFAR-10)."""
     try:
-        classes, channels = tuple(attrs[DATA_ATTRS[0]]), int(attrs[DATA_ATTRS[1]])
-        size, images = tuple(int(x) for x in attrs[DATA_ATTRS[2]]), int(attrs[DATA_ATTRS[3]])
+        classes, channels = tuple(attrs[DataAttr.CLASSES]), int(attrs[DataAttr.CHANNELS])
+        size, images = tuple(int(x) for x in attrs[DataAttr.IMAGE_SIZE]), int(attrs[DataAttr.TRAIN_IMAGES])
     except KeyError:
         return StudyData(None, "this study did not record its data (rerun bench.matrix once to record it)")
     except (TypeError, ValueError):

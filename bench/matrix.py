@@ -47,11 +47,15 @@ from bench.study import FINISHED, default_storage, fail_orphans, open_storage, o
 from bench.train import resolve_device
 
 
-def pending(cells: Sequence[Cell], study: optuna.Study) -> list[Cell]:
+def pending(cells: Sequence[Cell], study: optuna.Study, *, outcomes: tuple[str, ...] = ("todo",)) -> list[Cell]:
     """Cells to enqueue: no finished, waiting or running attempt. Interrupted or orphaned attempts are run
-    again; a diverged or failed one is run once more, and after that its outcome stands (bench.analysis.settle)."""
+    again; a diverged or failed one is run once more, and after that its outcome stands (bench.analysis.settle).
+    `outcomes=("todo", "active")`: also the cells waiting or running, i.e. every cell with no outcome yet."""
     kinds = _attempts(study)
-    return [c for c in cells if settle(kinds.get((c.name, c.seed), [])) == "todo"]
+    return [c for c in cells if settle(kinds.get((c.name, c.seed), [])) in outcomes]
+
+
+UNSETTLED = ("todo", "active")  # no outcome yet: to run, waiting or running
 
 
 def describe(cells: Sequence[Cell], train_images: int, done: int) -> list[str]:
@@ -91,7 +95,7 @@ class Progress:
         self.images_at_start = self.done_images(study)[1]
 
     def done_images(self, study: optuna.Study) -> tuple[int, int]:
-        todo = {(c.name, c.seed) for c in pending_or_active(self.cells, study)}
+        todo = {(c.name, c.seed) for c in pending(self.cells, study, outcomes=UNSETTLED)}
         done = [c for c in self.cells if (c.name, c.seed) not in todo]
         return len(done), sum(c.config.epochs for c in done) * self.train_images
 
@@ -103,12 +107,6 @@ class Progress:
         left = f", about {_duration((total - images) / pace)} left at {pace:,.0f} images/s" if pace > 0 and images < total else ""
         return (f"[matrix] {done} of {len(self.cells)} trials done, {images / 1e6:.1f}M of {total / 1e6:.1f}M "
                 f"training images{left}")
-
-
-def pending_or_active(cells: Sequence[Cell], study: optuna.Study) -> list[Cell]:
-    """Cells with no settled outcome yet (to run, waiting or running)."""
-    kinds = _attempts(study)
-    return [c for c in cells if settle(kinds.get((c.name, c.seed), [])) in ("todo", "active")]
 
 
 def run_cells(study: optuna.Study, cells: Sequence[Cell], space: tuple, *, objective: Objective, gate: TrialGate,
@@ -141,7 +139,7 @@ def run_cells(study: optuna.Study, cells: Sequence[Cell], space: tuple, *, objec
                     study.enqueue_trial(params_for_config(cell.config, space),
                                         user_attrs={Attr.CELL: cell.name, Attr.SEED: cell.seed})
         if stopping:
-            left = pending_or_active(cells, study)
+            left = pending(cells, study, outcomes=UNSETTLED)
             names = {c.name for c in cells}
             done_cells = len(names - {c.name for c in left})
             print(f"stopped after {stop_after / 60:g} min (--stop-after): {done_cells} of {len(names)} cells done "
@@ -225,7 +223,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ValueError as exc:
         raise UsageError(str(exc)) from None
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    resolve_device(args.device)
+    device = resolve_device(args.device)
     seeds = range(args.seed, args.seed + args.seeds)
 
     def capped(cells: list[Cell]) -> list[Cell]:
@@ -282,7 +280,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             on_model=CheckpointSink(open_store(artifact_dir(storage_url, args.study_name)), storage, args.keep_models,
                                     dataset)), gate=TrialGate(storage_url, args.study_name), fail_left_running=alone,
             train_images=len(splits.train), stop_after=None if args.stop_after is None else args.stop_after * 60,
-            pack=resolve_pack(args.pack, resolve_device(args.device)))
+            pack=resolve_pack(args.pack, device))
     finally:
         run_lock.release()
     if code:

@@ -18,6 +18,16 @@ from bench.space import Param, TrainConfig, config_from_params, suggest
 from bench.train import Diverged, FitResult, Member, fit_pack, resolve_device
 
 
+class DataAttr:
+    """Study attributes naming the data a study trained on (bench.run.record_budget writes them; claims are checked
+    against them in bench.analysis)."""
+
+    CLASSES = "bench.data_classes"
+    CHANNELS = "bench.data_channels"
+    IMAGE_SIZE = "bench.data_image_size"
+    TRAIN_IMAGES = "bench.data_train_images"  # the whole train split, before the validation split or a subset
+
+
 class Attr:
     """User-attribute keys every trial carries (the report reads the same names)."""
 

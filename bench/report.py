@@ -257,6 +257,11 @@ def _count(v: object) -> int:
     return 0 if _missing(v) else int(v)
 
 
+def _n_text(n: int, diverged: object) -> str:
+    """'5', or '5 (2 diverged)'."""
+    return f"{n}" + (f" ({_count(diverged)} diverged)" if _count(diverged) else "")
+
+
 def _budget_text(epochs: object, reference_epochs: object, images: object) -> str:
     """'20 vs 5 ep, 50,000 img' for a run or a claim (the reference's epochs only when they differ)."""
     if _missing(epochs):
@@ -269,7 +274,7 @@ def matrix_display(matrix: pd.DataFrame) -> pd.DataFrame:
     """The matrix as the page shows it: intervals as text, never 'nan'."""
     designed = matrix["method"].iloc[0].startswith("designed") if len(matrix) else False
     n = matrix["n"].map(_count)
-    n_text = [f"{k}" + (f" ({_count(d)} diverged)" if _count(d) else "") for k, d in zip(n, matrix["n_diverged"], strict=True)]
+    n_text = [_n_text(k, d) for k, d in zip(n, matrix["n_diverged"], strict=True)]
     if designed:
         acc = [ci_text(m, lo, hi, k) for m, lo, hi, k in zip(matrix["mean_acc"], matrix["acc_low"], matrix["acc_high"], n, strict=True)]
         diff = [ci_text(m, lo, hi, _count(k), signed=True)
@@ -315,7 +320,7 @@ def markdown_tables(matrix: pd.DataFrame, cumulative: pd.DataFrame | None = None
         diff = ci_text(r["diff"], r["diff_low"], r["diff_high"], pairs, signed=True) if not _missing(r["reference"]) else DASH
         claim = DASH if _missing(r["claim_id"]) else f"{r['claim_id']}: {r['claim_reading']}"
         verdict = r["verdict"] if _missing(r["note"]) or r["verdict"] in ("supported", "contradicted") else f"{r['verdict']}: {r['note']}"
-        n_text = f"{n}" + (f" ({_count(r['n_diverged'])} diverged)" if _count(r["n_diverged"]) else "")
+        n_text = _n_text(n, r["n_diverged"])
         budget = DASH if _missing(r["budget"]) else f"{int(r['budget'])} ep"
         lines.append("| " + " | ".join(_md(x) for x in (r["level"], budget, DASH if _missing(r["reference"]) else r["reference"],
                                                           n_text, acc, diff, claim, verdict)) + " |")

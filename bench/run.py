@@ -18,7 +18,7 @@ from bench.checkpoint import KEEP_POLICIES, CheckpointSink, artifact_dir, open_s
 from bench.data import DATASETS, Dataset, Splits, load_dataset, make_splits
 from bench.errors import UsageError, redact, run_cli
 from bench.locks import RunLock, TrialGate
-from bench.objective import Attr, Objective, TrialSettings
+from bench.objective import Attr, DataAttr, Objective, TrialSettings
 from bench.space import PRESETS, Param, build_space, params_for_config, preset_config
 from bench.stats import NOISY_HALF_WIDTH_POINTS, binomial_half_width
 from bench.study import (
@@ -114,9 +114,9 @@ def record_budget(study: optuna.Study, splits: Splits) -> None:
     test set, and the data's classes, image shape and full train size (claims are checked against these)."""
     ds = splits.dataset
     for key, value in (("bench.train_images", len(splits.train)), ("bench.val_images", len(splits.val)),
-                       ("bench.val_is_test", splits.val_is_test), ("bench.data_classes", list(ds.classes)),
-                       ("bench.data_channels", ds.channels), ("bench.data_image_size", list(ds.image_size)),
-                       ("bench.data_train_images", len(ds.train))):
+                       ("bench.val_is_test", splits.val_is_test), (DataAttr.CLASSES, list(ds.classes)),
+                       (DataAttr.CHANNELS, ds.channels), (DataAttr.IMAGE_SIZE, list(ds.image_size)),
+                       (DataAttr.TRAIN_IMAGES, len(ds.train))):
         study.set_user_attr(key, value)
 
 

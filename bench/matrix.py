@@ -43,7 +43,7 @@ from bench.run import (
     trial_line,
 )
 from bench.space import BASELINE, BUDGET_TIERS, build_space, is_active, params_for_config
-from bench.study import FINISHED, default_storage, fail_orphans, open_storage, open_study, run_packs, run_trials
+from bench.study import FINISHED, default_storage, fail_orphans, open_storage, open_study, run_packs
 from bench.train import resolve_device
 
 
@@ -147,12 +147,9 @@ def run_cells(study: optuna.Study, cells: Sequence[Cell], space: tuple, *, objec
             return 0
         try:
             remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
-            if pack == 1:
-                run_trials(study, objective, None, gate=gate, callbacks=[report], timeout=remaining, max_trials=1)
-            else:
-                busy = len(study.get_trials(deepcopy=False, states=(*FINISHED, TrialState.RUNNING)))
-                run_packs(study, objective, busy + pack, pack=pack, gate=gate, timeout=remaining, callbacks=[report],
-                          pack_aware=False, enqueued_only=True)
+            busy = len(study.get_trials(deepcopy=False, states=(*FINISHED, TrialState.RUNNING)))
+            run_packs(study, objective, busy + pack, pack=pack, gate=gate, timeout=remaining, callbacks=[report],
+                      enqueued_only=True)
         except KeyboardInterrupt:
             print("interrupted: the running cell is recorded as failed (interrupted); rerun the same command to finish "
                   "the matrix", file=sys.stderr)

@@ -15,7 +15,7 @@ from optuna.trial import TrialState
 from bench.data import Splits
 from bench.models import build_seeded_model, count_parameters
 from bench.space import Param, TrainConfig, config_from_params, suggest
-from bench.train import Diverged, FitResult, Member, fit_pack, resolve_device
+from bench.train import Diverged, FitResult, Member, PackLog, Refill, fit_pack, is_out_of_memory, resolve_device
 
 
 class DataAttr:
@@ -45,7 +45,7 @@ class Attr:
     FAIL_REASON = "fail_reason"
     CELL = "cell"  # designed-experiment cell (bench.matrix)
     WORKER = "worker"  # host:pid of the process that ran the trial
-    PACK_SIZE = "pack_size"  # members trained together in this trial's pack (1: alone)
+    PACK_SIZE = "pack_size"  # the slots of this trial's pack (1: alone); its share of the pack's time is 1 / pack_size
     PACK_SLOT = "pack_slot"  # this trial's place in its pack
     KEPT_EPOCH = "kept_epoch"  # the epoch whose weights were kept (early stopping restores the best)
     TRAIN_IMAGES = "train_images"  # the budget: images per epoch
@@ -82,7 +82,7 @@ class Objective:
             member = self.member(trial)
             self.train([member])
         except torch.OutOfMemoryError as exc:
-            self.out_of_memory([member], exc)
+            self.out_of_memory([member], f"out of memory: {str(exc).splitlines()[0]}")
             self.conclude(trial, member)
             raise
         except KeyboardInterrupt:  # wherever it lands (preparing, training, recording): the trial says so
@@ -98,21 +98,24 @@ class Objective:
             raise optuna.TrialPruned(str(member.error)) from None
         raise member.error  # type: ignore[misc]
 
-    def member(self, trial: optuna.Trial, pack_size: int = 1, pack_slot: int = 0) -> Member:
+    def member(self, trial: optuna.Trial) -> Member:
         """Suggest, then build the model exactly as a solo trial with this seed would (so packing changes nothing)."""
         params = suggest(trial, self.space, grid_only=self.settings.grid_only)
         cfg = config_from_params(params)
         seed = int(trial.user_attrs.get(Attr.SEED, self.settings.seed + trial.number))
         ds = self.splits.dataset
-        model = build_seeded_model(cfg, seed, ds)
+        model = self.build_model(cfg, seed)
         for key, value in ((Attr.SEED, seed), (Attr.PARAM_COUNT, count_parameters(model)),
                            (Attr.DEVICE, str(self.device)), (Attr.WORKER, f"{socket.gethostname()}:{os.getpid()}"),
-                           (Attr.TRAIN_IMAGES, len(self.splits.train)), (Attr.NUM_CLASSES, len(ds.classes)),
-                           (Attr.PACK_SIZE, pack_size), (Attr.PACK_SLOT, pack_slot)):
+                           (Attr.TRAIN_IMAGES, len(self.splits.train)), (Attr.NUM_CLASSES, len(ds.classes))):
             trial.set_user_attr(key, value)
+        return self.attach_reporting(trial, Member(model, cfg, seed))
+
+    @staticmethod
+    def attach_reporting(trial: optuna.Trial, member: Member) -> Member:
+        """Each epoch: the curves onto the trial, the value to Optuna, and pruning (raised back into the loop)."""
         # The curves live in the member's result, not the trial: a retried trial (heartbeat retry) inherits the
         # dead attempt's user attributes, and appending to those would glue two runs together.
-        member = Member(model, cfg, seed)
 
         def report_epoch(epoch: int, train_loss: float, val_acc: float) -> None:
             trial.set_user_attr(Attr.LOSS_CURVE, list(member.result.train_loss))
@@ -125,30 +128,62 @@ class Objective:
         member.on_epoch = report_epoch
         return member
 
-    def train(self, members: list[Member]) -> None:
-        """Train members as one pack. Interrupted: every member not yet finished is recorded as such, then re-raised;
-        out of memory is re-raised for the caller (a smaller pack, or `out_of_memory`)."""
+    def train(self, members: list[Member], *, capacity: int | None = None, refill: Refill | None = None,
+              on_leave: Callable[[Member], None] | None = None) -> PackLog:
+        """Train members as one pack of `capacity` slots (bench.train.fit_pack: refilled at epoch boundaries, each
+        member handed to `on_leave` as it leaves). Interrupted: every member not yet finished is recorded as such,
+        then re-raised; out of memory (also cuDNN's and cuBLAS's allocation failures) is raised as
+        torch.OutOfMemoryError for the caller (a smaller pack, or `out_of_memory`); an error of the caller's own
+        `refill` or `on_leave` is re-raised as it was (the runner's, not the pack's); any other error fails every
+        member still training."""
+        training = {id(m): m for m in members}
+
+        def joined(free: int) -> list[Member]:
+            try:
+                new = list(refill(free)) if refill is not None else []
+            except Exception as exc:
+                raise _CallerError(exc) from exc
+            training.update((id(m), m) for m in new)
+            return new
+
+        def left(member: Member) -> None:
+            training.pop(id(member), None)  # a member that left is not held here (its model may be on the device)
+            try:
+                if on_leave is not None:
+                    on_leave(member)
+            except Exception as exc:
+                raise _CallerError(exc) from exc
+
+        message = None
         try:
-            fit_pack(members, self.splits, device=self.device, precision=self.settings.precision,
-                     progress=self.settings.progress, compile_model=self.settings.compile_model,
-                     deterministic=self.settings.deterministic)
+            return fit_pack(members, self.splits, device=self.device, precision=self.settings.precision,
+                            progress=self.settings.progress, compile_model=self.settings.compile_model,
+                            deterministic=self.settings.deterministic, capacity=capacity,
+                            refill=joined if refill is not None else None, on_leave=left)
         except KeyboardInterrupt:
-            mark_interrupted(members)
+            mark_interrupted(list(training.values()))
             raise
+        except _CallerError as wrapped:
+            raise wrapped.error from None
         except torch.OutOfMemoryError:
-            if torch.cuda.is_available():
-                torch.cuda.empty_cache()
             raise
         except Exception as exc:  # the pack itself failed (not one member's callback): every unfinished member fails
-            _fail_unfinished(members, exc)
+            if not is_out_of_memory(exc):
+                _fail_unfinished(list(training.values()), exc)
+                return PackLog(capacity or len(members))
+            message = str(exc).splitlines()[0]
+        raise torch.OutOfMemoryError(message)  # outside the handler: the failed pack's frames are not kept alive
+
+    def build_model(self, cfg: TrainConfig, seed: int) -> torch.nn.Module:
+        return build_seeded_model(cfg, seed, self.splits.dataset)
 
     def rebuild(self, member: Member) -> None:
         """Start a member again from its initial weights (after its pack ran out of memory)."""
-        member.model = build_seeded_model(member.cfg, member.seed, self.splits.dataset)
+        member.model = self.build_model(member.cfg, member.seed)
         member.result, member.error = FitResult(), None
 
-    def out_of_memory(self, members: list[Member], exc: BaseException) -> None:
-        _fail_unfinished(members, _OutOfMemory(f"out of memory: {str(exc).splitlines()[0]}"))
+    def out_of_memory(self, members: list[Member], message: str) -> None:
+        _fail_unfinished(members, _OutOfMemory(message))
 
     def conclude(self, trial: optuna.Trial, member: Member) -> tuple[TrialState, float | None]:
         """Record what the member measured and cost; the state (and value) to tell Optuna."""
@@ -188,6 +223,14 @@ class Objective:
             attrs[Attr.FAIL_REASON] = fail_reason
         for key, value in attrs.items():
             trial.set_user_attr(key, value)
+
+
+class _CallerError(Exception):
+    """An error of the runner's refill or on_leave, carried through the training loop unchanged."""
+
+    def __init__(self, error: Exception):
+        super().__init__(str(error))
+        self.error = error
 
 
 class _Interrupted(Exception):

@@ -103,12 +103,14 @@ class PackedDropout(nn.Module):
 
     def set_p(self, p: Sequence[float]) -> None:
         self.p_list = list(p)
-        self.register_buffer("keep", 1 - torch.tensor(self.p_list, dtype=torch.float32)[:, None, None], persistent=False)
+        device = self.keep.device if hasattr(self, "keep") else None  # stays on the weights' device when members change
+        keep = 1 - torch.tensor(self.p_list, dtype=torch.float32, device=device)[:, None, None]
+        self.register_buffer("keep", keep, persistent=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.training or not any(self.p_list):  # a Python check: no device sync per step
             return x
-        keep = self.keep.to(x.device)
+        keep = self.keep
         u = torch.stack([torch.rand(x.shape[1:], device=x.device, generator=g) for g in self.generators])
         return x * ((u < keep).to(x.dtype) / keep)
 
@@ -122,7 +124,7 @@ class PackedFeatureDropout(PackedDropout):
             return x
         b, kc, h, w = x.shape
         k = len(self.p_list)
-        keep = self.keep.to(x.device).view(1, k, 1, 1, 1)
+        keep = self.keep.view(1, k, 1, 1, 1)
         u = torch.stack([torch.rand((b, kc // k, h, w), device=x.device, generator=g) for g in self.generators], 1)
         return x * ((u < keep).to(x.dtype) / keep).view(b, kc, h, w)
 
@@ -254,5 +256,31 @@ def compact(packed: PackedConvNet, keep: Sequence[int]) -> dict[nn.Parameter, nn
         if isinstance(module, nn.BatchNorm2d):
             module.running_mean = compact_tensor(module.running_mean, members, keep)
             module.running_var = compact_tensor(module.running_var, members, keep)
+            module.num_features = module.running_mean.shape[0]
+    return swapped
+
+
+@torch.no_grad()
+def grow(packed: PackedConvNet, joining: PackedConvNet) -> dict[nn.Parameter, nn.Parameter]:
+    """Append the members of `joining` (a pack of the same shape signature, on the same device) after the members of
+    `packed`: compaction's inverse, so a slot freed in a pack is refilled without rebuilding it. Returns old -> new
+    parameters for the optimizer (bench.packed_optim.PackedOptimizer.grow)."""
+    swapped = {}
+    for module, other in zip(packed.modules(), joining.modules(), strict=True):
+        if type(module) is not type(other):
+            raise ValueError("the joining members do not share the pack's architecture (shape_signature)")
+        if isinstance(module, PackedDropout):
+            module.set_p(module.p_list + other.p_list)
+            module.generators = module.generators + other.generators
+        for name, param in list(module.named_parameters(recurse=False)):
+            joined = torch.cat([param.data, getattr(other, name).data])
+            if param.dim() == 4 and param.is_contiguous(memory_format=torch.channels_last):
+                joined = joined.contiguous(memory_format=torch.channels_last)
+            new = nn.Parameter(joined)
+            setattr(module, name, new)
+            swapped[param] = new
+        if isinstance(module, nn.BatchNorm2d):
+            module.running_mean = torch.cat([module.running_mean, other.running_mean])
+            module.running_var = torch.cat([module.running_var, other.running_var])
             module.num_features = module.running_mean.shape[0]
     return swapped

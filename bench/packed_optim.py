@@ -34,7 +34,9 @@ class PackedOptimizer(torch.optim.Optimizer):
             raise ValueError(f"unknown optimizer {sorted(unknown)}")
         self.device = device
         self.configs = list(configs)
-        self.step_count = 0
+        # Adam's bias correction counts each member's own steps: a member that joined later (backfill) is at its own
+        # step t. `steps` on the host decides the path; `steps_tensor` is counted on the device, so no step syncs.
+        self.steps = [0] * len(self.configs)
         self._build()
 
     def _build(self) -> None:
@@ -53,16 +55,20 @@ class PackedOptimizer(torch.optim.Optimizer):
         self.any_nesterov = any(c.optimizer == "sgd" and c.nesterov and c.momentum > 0 for c in cfgs)
         self.all_decoupled = all(c.optimizer == "adamw" for c in cfgs)
         self.any_decoupled = any(c.optimizer == "adamw" for c in cfgs)
+        self.steps_tensor = torch.tensor(self.steps, dtype=torch.float32, device=self.device)
         self.set_lr([c.lr for c in cfgs])
 
     @property
     def members(self) -> int:
         return len(self.configs)
 
-    def set_lr(self, lrs: Sequence[float]) -> None:
+    def set_lr(self, lrs: Sequence[float], on_device: torch.Tensor | None = None) -> None:
+        """Each member's lr. `on_device`: the same values already on the device (a row of the epoch's lr table), so a
+        per-batch schedule costs no host-to-device copy per step."""
         self.lrs = list(lrs)
-        self.lr = torch.tensor(self.lrs, dtype=torch.float32, device=self.device)
         self.shared["lr"] = _shared(self.lrs)
+        if self.shared["lr"] is None:
+            self.lr = on_device if on_device is not None else torch.tensor(self.lrs, dtype=torch.float32, device=self.device)
 
     def _hp(self, name: str, shape: tuple[int, ...]) -> float | torch.Tensor:
         """One hyperparameter: a Python number when every member shares it (a pack of one always does: then the
@@ -72,7 +78,8 @@ class PackedOptimizer(torch.optim.Optimizer):
 
     @torch.no_grad()
     def step(self, closure=None):  # noqa: ANN001 - torch's signature
-        self.step_count += 1
+        self.steps = [t + 1 for t in self.steps]
+        self.steps_tensor.add_(1)
         k = self.members
         for group in self.param_groups:
             for p in group["params"]:
@@ -120,15 +127,21 @@ class PackedOptimizer(torch.optim.Optimizer):
         m, v = state["exp_avg"], state["exp_avg_sq"]
         m.lerp_(g, 1 - b1)
         v.mul_(b2).addcmul_(g, g, value=1 - b2)
-        t = self.step_count
-        denom = v.sqrt().div_((1 - b2**t) ** 0.5).add_(ADAM_EPS)
+        if len(set(self.steps)) == 1:  # every member at the same step (no member joined later): Python numbers
+            t = self.steps[0]
+            bias1: float | torch.Tensor = 1 - b1**t
+            denom = v.sqrt().div_((1 - b2**t) ** 0.5).add_(ADAM_EPS)
+        else:  # a member joined later (backfill): its own step count, corrections computed on the device
+            t_k = self.steps_tensor.view(shape)
+            bias1 = 1 - b1**t_k
+            denom = v.sqrt().div_((1 - b2**t_k).sqrt()).add_(ADAM_EPS)
         if self.any_decoupled and self.any_decay:  # AdamW: p <- p - lr * wd * p, before the Adam step (torch's order)
             decay = lr * wd if self.all_decoupled else torch.where(self.decoupled.view(shape), lr * wd, 0.0)
             self._apply(out, p, -decay)
-        if isinstance(lr, float):
-            out.addcdiv_(m, denom, value=-lr / (1 - b1**t))
+        if isinstance(lr, float) and isinstance(bias1, float):
+            out.addcdiv_(m, denom, value=-lr / bias1)
         else:
-            out.addcmul_(m / denom, lr, value=-1 / (1 - b1**t))
+            out.addcmul_(m / denom, lr / bias1, value=-1.0)
 
     def _sgd(self, p: torch.Tensor, g: torch.Tensor, state: dict, shape: tuple[int, ...], hp: dict,
              out: torch.Tensor) -> None:
@@ -168,8 +181,29 @@ class PackedOptimizer(torch.optim.Optimizer):
         self.state.update(new_state)
         lrs = [self.lrs[i] for i in keep]
         self.configs = [self.configs[i] for i in keep]
+        self.steps = [self.steps[i] for i in keep]
         self._build()
         self.set_lr(lrs)
+
+    def grow(self, configs: Sequence[TrainConfig], swapped: dict[torch.nn.Parameter, torch.nn.Parameter]) -> None:
+        """Members with `configs` joined at the end (bench.packed.grow): they start as a fresh torch optimizer would,
+        with zero moments and their own step count at 0 (SGD's momentum buffer from zero gives torch's first step)."""
+        k, new = self.members, len(configs)
+        for group in self.param_groups:
+            group["params"] = [swapped.get(p, p) for p in group["params"]]
+        new_state = {}
+        for old, grown in swapped.items():
+            if old in self.state:
+                new_state[grown] = {name: torch.cat([t, t.new_zeros((new, *t.shape[1:]))])
+                                    for name, t in self.state[old].items()}
+        self.state.clear()
+        self.state.update(new_state)
+        lrs = self.lrs + [c.lr for c in configs]
+        self.configs += list(configs)
+        self.steps += [0] * new
+        self._build()
+        self.set_lr(lrs)
+        assert self.members == k + new
 
 
 def _shared(values: Sequence[float]) -> float | None:

@@ -17,6 +17,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+import optuna
 import torch
 from torch import nn
 from torch.utils.data import DataLoader, Subset
@@ -25,7 +26,9 @@ from tqdm.auto import tqdm
 from bench.data import Dataset, _stratified_take, load_dataset, make_splits
 from bench.errors import UsageError, run_cli
 from bench.models import build_seeded_model
+from bench.simulate import compare_packs
 from bench.space import BASELINE, TrainConfig
+from bench.study import PRUNERS, SAMPLERS
 from bench.train import PRECISIONS, Member, fit, fit_pack, resolve_device
 
 
@@ -235,11 +238,23 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--deterministic", action="store_true",
                         help="with --pack: time each pack again with deterministic CUDA algorithms, and print the cost")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
+    g = parser.add_argument_group("search simulator (no training: bench.simulate)")
+    g.add_argument("--simulate-search", action="store_true",
+                   help="compare how studies packed in --pack sizes (default 1,8,32) search against solo: distinct "
+                        "shapes, best value (paired 95%% interval against solo), occupancy, members per launch")
+    g.add_argument("--repeats", type=int, default=10, help="paired repeats: sampler seed and landscape (default: 10)")
+    g.add_argument("--trials", type=int, default=50, help="trials per simulated study (default: 50)")
+    g.add_argument("--sampler", choices=sorted(SAMPLERS), default="tpe", help="sampler (default: tpe)")
+    g.add_argument("--pruner", choices=sorted(PRUNERS), default="median", help="pruner (default: median)")
+    g.add_argument("--pack-per-shape", type=int, default=None, metavar="N",
+                   help="members one sampled architecture may bring into a pack (default: bench.run's)")
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.simulate_search:
+        return simulate(args)
     if args.augment:
         print("\n".join(augment_benchmark(resolve_device(args.device))))
         return 0
@@ -287,6 +302,23 @@ def main(argv: Sequence[str] | None = None) -> int:
                 print(f"pack K={k}{' deterministic' if deterministic else ''}: {r.member_images_per_sec:,.0f} "
                       f"member-images/s, {r.wall_seconds:.1f}s", flush=True)
         print("\n".join(pack_lines(packs)))
+    return 0
+
+
+def simulate(args: argparse.Namespace) -> int:
+    try:
+        sizes = [int(k) for k in (args.pack or "1,8,32").split(",")]
+    except ValueError:
+        raise UsageError(f"--pack takes sizes like 1,8,32, got {args.pack!r}") from None
+    if any(k < 1 for k in sizes) or args.repeats < 2 or args.trials < 1:
+        raise UsageError("--pack sizes and --trials must be 1 or more, --repeats 2 or more (a paired interval)")
+    if args.pack_per_shape is not None and args.pack_per_shape < 1:
+        raise UsageError(f"--pack-per-shape must be 1 or more, got {args.pack_per_shape}")
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    t0 = time.perf_counter()
+    print("\n".join(compare_packs(sizes, args.repeats, args.trials, per_shape=args.pack_per_shape,
+                                  sampler=args.sampler, pruner=args.pruner)))
+    print(f"({time.perf_counter() - t0:.0f} s)")
     return 0
 
 

@@ -34,7 +34,6 @@ from bench.study import (
     open_storage,
     open_study,
     run_packs,
-    run_trials,
     space_signature,
 )
 from bench.train import PRECISIONS, resolve_device
@@ -152,8 +151,11 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--artifacts", default=None, help="artifact directory (default: studies/<study-name>-artifacts)")
     g.add_argument("--quiet", action="store_true", help="no per-epoch progress bars")
     g.add_argument("--pack", type=pack_size, default="auto",
-                   help=f"trials trained at once as one packed network: K, or auto ({AUTO_PACK_CUDA} on CUDA, 1 on CPU) "
-                        "(default: auto)")
+                   help=f"trials trained at once, one packed network per shape signature: K, or auto ({AUTO_PACK_CUDA} "
+                        "on CUDA, 1 on CPU) (default: auto)")
+    g.add_argument("--pack-per-shape", type=positive_int, default=None, metavar="N",
+                   help="members one sampled architecture may bring into a pack, itself included (default: trials / 25, "
+                        "at least 1: a 50-trial study explores as many shapes packed as solo; see README 'Packs')")
     g = parser.add_argument_group("parallel runs")
     g.add_argument("--workers", type=int, default=1,
                    help="worker processes on this machine sharing the study (default: 1); with more than one, the "
@@ -190,7 +192,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.workers < 1:
         raise UsageError(f"--workers must be 1 or more, got {args.workers}")
     for device in (args.devices or args.device).split(","):
-        resolve_device(device)
+        if resolve_pack(args.pack, resolve_device(device)) > 1 and args.precision == "fp16":
+            raise UsageError("--precision fp16 cannot train a pack (one loss scale for all members couples them); "
+                             "use --precision bf16 or fp32, or --pack 1")
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -243,26 +247,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     pack = resolve_pack(args.pack, objective.device)
     callbacks = [guard, lambda s, t: print(prefix + trial_line(t), flush=True)]
     gate = TrialGate(storage_url, args.study_name)
-    stats = None
     try:
-        if pack == 1:
-            run_trials(study, objective, args.trials, gate=gate, timeout=args.timeout, callbacks=callbacks, guard=guard)
-        else:
-            print(f"{prefix}training up to {pack} trials at once as one packed network"
-                  + (" (pack-aware sampling: a pack's trials share its first trial's shape parameters)"
-                     if args.sampler != "grid" else ""), flush=True)
-            stats = run_packs(study, objective, args.trials, pack=pack, gate=gate, timeout=args.timeout,
-                              callbacks=callbacks, guard=guard, pack_aware=args.sampler != "grid",
-                              say=lambda line: print(prefix + line, flush=True))
+        if pack > 1:
+            print(f"{prefix}training up to {pack} trials at once in packs (one packed network per shape)", flush=True)
+        stats = run_packs(study, objective, args.trials, pack=pack, gate=gate, timeout=args.timeout,
+                          callbacks=callbacks, guard=guard, per_shape=args.pack_per_shape,
+                          say=lambda line: print(prefix + line, flush=True))
     except KeyboardInterrupt:
         print(f"{prefix}interrupted: the running trial is recorded as failed (interrupted); rerun the same "
               "command to resume", file=sys.stderr)
         if args.worker_id is None:
             print_summary(study)
         return INTERRUPTED_EXIT
-    if stats is not None and stats.members:
-        print(f"{prefix}mean pack occupancy: {stats.occupancy:.0%} ({sum(stats.members)} trials in {len(stats.members)} "
-              f"packs, up to {pack} each)", flush=True)
+    if pack > 1 and stats.members:
+        print(f"{prefix}{stats.summary()} (packs of up to {pack})", flush=True)
     if args.worker_id is None:
         print_summary(study)
     if guard.tripped:

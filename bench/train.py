@@ -25,11 +25,12 @@ from bench.augment import AugmentConfig, BatchAugment
 from bench.data import Split, Splits
 from bench.errors import UsageError
 from bench.models import ConvNet
-from bench.packed import compact, pack_models, shape_signature, unpack_member
+from bench.packed import compact, grow, pack_models, shape_signature, unpack_member
 from bench.packed_optim import PackedOptimizer, clip_grad_norm_per_member
 from bench.space import TrainConfig
 
 EVAL_BATCH = 1024
+PACK_EVAL_BATCH = 256  # images per evaluation step in a pack of any size (each replicated K times)
 DROPOUT_STREAM = 7_919  # a member's dropout masks come from seed + this: a stream of its own
 CHECK_EVERY = 20  # batches between loss reads: reading syncs the GPU
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
@@ -37,6 +38,16 @@ PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 
 class Diverged(RuntimeError):
     """The training loss became NaN or infinite."""
+
+
+# cuDNN and cuBLAS report a failed workspace allocation as a plain RuntimeError, not torch.OutOfMemoryError
+_ALLOCATION_FAILURES = ("CUDNN_STATUS_ALLOC_FAILED", "CUBLAS_STATUS_ALLOC_FAILED", "CUDA out of memory",
+                        "CUDNN_STATUS_NOT_ENOUGH_WORKSPACE")
+
+
+def is_out_of_memory(exc: BaseException) -> bool:
+    return isinstance(exc, torch.OutOfMemoryError) or (
+        isinstance(exc, RuntimeError) and any(s in str(exc) for s in _ALLOCATION_FAILURES))
 
 
 # --- device and precision ---------------------------------------------------------------
@@ -77,7 +88,9 @@ def configure_determinism(device: torch.device, deterministic: bool) -> None:
         return
     torch.backends.cudnn.benchmark = not deterministic
     torch.backends.cudnn.deterministic = deterministic
-    torch.use_deterministic_algorithms(deterministic, warn_only=True)
+    # strict: an operation without a deterministic CUDA kernel raises instead of warning, so a run that says it is
+    # deterministic is (the loss avoids cross_entropy's NLL kernel, which has none: PackLoss(fused=False))
+    torch.use_deterministic_algorithms(deterministic)
 
 
 def autocast(device: torch.device, dtype: torch.dtype | None) -> contextlib.AbstractContextManager:
@@ -107,7 +120,7 @@ def _loss(kind: str, logits: torch.Tensor, target: torch.Tensor, smoothing: torc
 class PackLoss:
     """Each member's own loss; summing them gives every member exactly its own gradient."""
 
-    def __init__(self, configs: Sequence[TrainConfig], device: torch.device):
+    def __init__(self, configs: Sequence[TrainConfig], device: torch.device, fused: bool = True):
         for cfg in configs:
             if cfg.loss not in ("ce", "focal", "mse"):
                 raise ValueError(f"unknown loss {cfg.loss!r}")
@@ -117,7 +130,8 @@ class PackLoss:
         self.smoothing = torch.tensor([c.label_smoothing for c in configs], device=device)
         self.gamma = torch.tensor([c.focal_gamma for c in configs], device=device)
         smoothing = {c.label_smoothing for c in configs}
-        self.fused_smoothing = smoothing.pop() if kinds == ["ce"] * len(kinds) and len(smoothing) == 1 else None
+        one = fused and kinds == ["ce"] * len(kinds) and len(smoothing) == 1
+        self.fused_smoothing = smoothing.pop() if one else None
 
     def __call__(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         if self.fused_smoothing is not None:  # all cross-entropy, one smoothing (a pack of one always): torch's fused loss
@@ -189,7 +203,8 @@ def evaluate(model: nn.Module, split: Split, augment: BatchAugment, device: torc
     """Accuracy of each member (a packed model; a solo ConvNet is one member) on `split`."""
     model.eval()
     correct = torch.zeros(members, dtype=torch.int64, device=device)
-    batch = max(64, EVAL_BATCH // members)  # the packed activations grow with K
+    # one batch size for every pack of two or more: cuDNN's benchmark mode tunes each new input shape once
+    batch = EVAL_BATCH if members == 1 else PACK_EVAL_BATCH
     for start in range(0, len(split), batch):
         x = augment.normalize(split.images[start:start + batch].to(device, non_blocking=True))
         x = x.repeat(1, members, 1, 1) if members > 1 else x
@@ -248,6 +263,7 @@ class _Slot:
     stand_in: torch.optim.Optimizer
     schedule: Schedule
     started: float
+    epoch: int = 0  # epochs this member has finished (members that joined later are behind the others)
     best_acc: float = -1.0
     best_epoch: int = 0
     best_state: dict | None = None
@@ -288,105 +304,160 @@ def fit(model: nn.Module, splits: Splits, cfg: TrainConfig, *, device: torch.dev
     return member.result
 
 
+Refill = Callable[[int], Sequence[Member]]
+"""Called at an epoch boundary with the number of free slots; returns the members that take them (maybe fewer)."""
+
+
+@dataclass(frozen=True)
+class _Context:
+    """What every sub-pack of one `fit_pack` call shares: the placed data and the numeric settings."""
+
+    train: Split
+    val: Split
+    test: Split
+    plain: BatchAugment
+    splits: Splits
+    device: torch.device
+    dtype: torch.dtype | None
+    progress: bool
+    log: Callable[[str], None]
+    compile_model: bool
+    packed_run: bool
+    deterministic: bool = False
+
+
+@dataclass
+class PackLog:
+    """What a `fit_pack` call did at each epoch boundary: members training and sub-packs (launches per step)."""
+
+    capacity: int
+    members: list[int] = field(default_factory=list)
+    launches: list[int] = field(default_factory=list)
+    signatures: set[tuple] = field(default_factory=set)
+
+
 def fit_pack(members: Sequence[Member], splits: Splits, *, device: torch.device, precision: str = "auto",
              progress: bool = True, log: Callable[[str], None] = tqdm.write, compile_model: bool = False,
-             deterministic: bool = False) -> None:
-    """Train `members` (one shape signature) together; each leaves when it finishes, stops early, diverges or
-    its callback raises (recorded in `member.error`); the others go on unchanged. Every member's result is
-    filled in place, also when KeyboardInterrupt or out-of-memory ends the whole pack (re-raised)."""
-    if len({shape_signature(m.cfg) for m in members}) != 1:
-        raise ValueError("a pack's members must share one shape signature (bench.packed.SHAPE_FIELDS)")
-    started = time.perf_counter()
+             deterministic: bool = False, capacity: int | None = None, refill: Refill | None = None,
+             on_leave: Callable[[Member], None] | None = None) -> PackLog:
+    """Train `members` together in `capacity` slots (default: as many as members). Members that share a shape
+    signature train as one packed network (a sub-pack); each sub-pack runs its epoch in turn, so a pack may mix
+    shapes. A member leaves when it finishes, stops early, diverges or its callback raises (recorded in
+    `member.error`), and `on_leave(member)` is called at once; the others go on unchanged. At each epoch boundary
+    free slots are offered to `refill`, and the members it returns join a sub-pack of their shape (or start one)
+    at their own epoch 1. Every member's result is filled in place, also when KeyboardInterrupt or out-of-memory
+    ends the whole pack (re-raised)."""
+    members = list(members)
+    capacity = max(capacity or len(members), len(members))
     dtype = resolve_precision(precision, device)
+    if dtype == torch.float16 and capacity > 1 and precision == "auto":
+        dtype = None  # a GPU without bf16: packs train in fp32 rather than share one fp16 loss scale
+    if dtype == torch.float16 and capacity > 1:
+        # one GradScaler for K members: one member's overflow skips every member's step and shrinks the shared scale
+        raise UsageError("--precision fp16 cannot train a pack (one loss scale for all members couples them); "
+                         "use --precision bf16 or fp32, or --pack 1")
+    if compile_model and capacity > 1:
+        # measured (3 members, 3 epochs, CPU): 13 graph breaks on the per-member mask draws and a recompile at every
+        # member leaving, last batch and train/eval switch, 30 graphs then the recompile limit: 99 s against 1 s eager
+        log("--compile applies to solo trials; packs train eager (compiling a pack recompiled at every change, 99x slower)")
+        compile_model = False
     configure_determinism(device, deterministic)
     train, val = _place(splits.train, device, log), _place(splits.val, device, log)
-    test = val if splits.val_is_test else _place(splits.test, device, log)
-    dataset = splits.dataset
-    n = len(train)
-    batch_size = members[0].cfg.batch_size
+    ctx = _Context(train, val, val if splits.val_is_test else _place(splits.test, device, log),
+                   BatchAugment(AugmentConfig(), splits.dataset.mean, splits.dataset.std, device), splits, device,
+                   dtype, progress, log, compile_model, capacity > 1, deterministic)
+    record = PackLog(capacity)
+    packs: dict[tuple, _PackState] = {}
+
+    def admit(joining: Sequence[Member]) -> None:
+        groups: dict[tuple, list[Member]] = {}
+        for m in joining:
+            groups.setdefault(shape_signature(m.cfg), []).append(m)
+        for signature, group in groups.items():
+            record.signatures.add(signature)
+            slots = [_new_slot(m, ctx) for m in group]
+            if signature in packs:
+                packs[signature].grow(slots)
+            else:
+                packs[signature] = _PackState(slots, ctx)
+
+    def leave(state: _PackState, gone: Sequence[int], partial_seconds: float = 0.0, partial_images: int = 0) -> None:
+        left = [state.slots[k].member for k in gone]
+        state.leave(gone, partial_seconds, partial_images)
+        for m in left:
+            if on_leave is not None:
+                on_leave(m)
+
+    admit(members)
+    try:
+        while packs:
+            record.members.append(sum(len(p.slots) for p in packs.values()))
+            record.launches.append(len(packs))
+            for state in list(packs.values()):
+                _train_epoch(state, ctx, leave)
+            for state in list(packs.values()):
+                if state.slots:
+                    _validate_epoch(state, ctx, leave)
+            for signature in [sig for sig, state in packs.items() if not state.slots]:
+                del packs[signature]
+            free = capacity - sum(len(p.slots) for p in packs.values())
+            if refill is not None and free > 0:
+                joining = list(refill(free))
+                if len(joining) > free:
+                    raise ValueError(f"refill returned {len(joining)} members for {free} free slots")
+                admit(joining)
+    finally:
+        now = time.perf_counter()
+        for state in packs.values():  # an exception ended the pack: what each member spent so far counts
+            for slot in state.slots:
+                if math.isfinite(state.epoch_start):
+                    slot.train_time += now - state.epoch_start
+                _close(slot, now)
+    return record
+
+
+def _new_slot(m: Member, ctx: _Context) -> _Slot:
+    ds, device = ctx.splits.dataset, ctx.device
+    stand_in, schedule = member_schedule(m.cfg, len(_batches(len(ctx.train), m.cfg.batch_size)))
+    return _Slot(m, BatchAugment(AugmentConfig.from_train_config(m.cfg, ds.crop_padding), ds.mean, ds.std, device),
+                 torch.Generator(device=device).manual_seed(m.seed), torch.Generator().manual_seed(m.seed),
+                 torch.Generator(device=device).manual_seed(m.seed + DROPOUT_STREAM), stand_in, schedule,
+                 time.perf_counter())
+
+
+def _batches(n: int, batch_size: int) -> list[tuple[int, int]]:
     batches = [(s, min(s + batch_size, n)) for s in range(0, n, batch_size)]
     if len(batches) > 1 and batches[-1][1] - batches[-1][0] == 1:
         batches.pop()  # a batch of one breaks BatchNorm; drop that single sample this epoch
-    plain = BatchAugment(AugmentConfig(), dataset.mean, dataset.std, device)
-    slots = []
-    for m in members:
-        stand_in, schedule = member_schedule(m.cfg, len(batches))
-        slots.append(_Slot(
-            m, BatchAugment(AugmentConfig.from_train_config(m.cfg, dataset.crop_padding), dataset.mean, dataset.std, device),
-            torch.Generator(device=device).manual_seed(m.seed), torch.Generator().manual_seed(m.seed),
-            torch.Generator(device=device).manual_seed(m.seed + DROPOUT_STREAM), stand_in, schedule, started))
-    packed = pack_models([m.model for m in members], [m.cfg for m in members]).to(device, memory_format=torch.channels_last)
+    return batches
+
+
+def _build_pack(slots: Sequence[_Slot], device: torch.device) -> nn.Module:
+    packed = pack_models([s.member.model for s in slots], [s.member.cfg for s in slots])
+    packed = packed.to(device, memory_format=torch.channels_last)
     packed.set_dropout_generators([s.dropout_gen for s in slots])
-    optimizer = PackedOptimizer(packed.parameters(), [m.cfg for m in members], device)
-    scaler = torch.amp.GradScaler("cuda", enabled=dtype == torch.float16 and device.type == "cuda")
-    state = _PackState(slots, packed, optimizer, device, compile_model)
-    state.update_lrs()  # a schedule's own first lr (OneCycle starts at max_lr / 25, not at the optimizer's lr)
-    epoch_start = math.nan
-    try:
-        for epoch in range(1, max(m.cfg.epochs for m in members) + 1):
-            if not state.slots:
-                break
-            packed.train()
-            epoch_start = time.perf_counter()
-            state.new_epoch(n, train.images.device)
-            bar = tqdm(batches, desc=f"epoch {epoch}" + (f" (pack of {len(state.slots)})" if len(members) > 1 else ""),
-                       unit="batch", leave=False, disable=not progress)
-            for i, (start, stop) in enumerate(bar):
-                _train_step(state, train, start, stop, scaler, dtype)
-                if i % CHECK_EVERY == CHECK_EVERY - 1 or i == len(batches) - 1:
-                    running = (state.loss_sum / stop).tolist()
-                    bad = [k for k, loss in enumerate(running) if not math.isfinite(loss)]
-                    for k in bad:
-                        state.slots[k].member.error = Diverged(f"loss became {running[k]} in epoch {epoch}")
-                    if bad:
-                        state.leave(bad, time.perf_counter() - epoch_start, stop)
-                        if not state.slots:
-                            break
-                    bar.set_postfix(loss=f"{sum(x for x in running if math.isfinite(x)) / max(1, len(running) - len(bad)):.3f}")
-            if not state.slots:
-                break
-            elapsed = time.perf_counter() - epoch_start
-            epoch_start = math.nan
-            for slot in state.slots:
-                slot.train_time += elapsed
-                slot.images += batches[-1][1]
-            train_loss = (state.loss_sum / batches[-1][1]).tolist()
-            t_eval = time.perf_counter()
-            val_acc = evaluate(state.net, val, plain, device, dtype, len(state.slots))
-            t_eval = time.perf_counter() - t_eval
-            for slot in state.slots:  # the pack evaluates every member in one pass: each counts the shared time
-                slot.eval_images += len(val)
-                slot.eval_time += t_eval
-            leaving = []
-            for k, slot in enumerate(state.slots):
-                if _end_epoch(slot, epoch, train_loss[k], val_acc[k], progress, log, len(members) > 1, packed, k):
-                    leaving.append(k)
-            state.update_lrs()
-            for k in leaving:  # finished, early-stopped or pruned: the weights it keeps, then its test accuracy
-                _finish(state.slots[k], packed, k, test, plain, device, dtype)
-            if leaving:
-                state.leave(leaving, 0.0, 0)
-    finally:
-        now = time.perf_counter()
-        for slot in state.slots:  # an exception ended the pack: what each member spent so far counts
-            if math.isfinite(epoch_start):
-                slot.train_time += now - epoch_start
-            _close(slot, now)
+    return packed
 
 
 class _PackState:
-    """The pack's tensors and per-member slots; `leave` compacts everything to the members that remain."""
+    """One sub-pack: the packed network of one shape signature, its optimizer and per-member slots; `leave` compacts
+    it to the members that remain, `grow` appends members that join."""
 
-    def __init__(self, slots: list[_Slot], packed: nn.Module, optimizer: PackedOptimizer, device: torch.device,
-                 compile_model: bool = False):
-        self.slots, self.packed, self.optimizer, self.device = slots, packed, optimizer, device
-        # shares the parameters; a member leaving swaps them, which the compiled graph's guards catch
-        self.net = torch.compile(packed) if compile_model else packed
+    def __init__(self, slots: list[_Slot], ctx: _Context):
+        self.slots, self.device, self.deterministic = slots, ctx.device, ctx.deterministic
+        self.batches = _batches(len(ctx.train), slots[0].member.cfg.batch_size)
+        self.packed = _build_pack(slots, ctx.device)
+        self.optimizer = PackedOptimizer(self.packed.parameters(), [s.member.cfg for s in slots], ctx.device)
+        self.scaler = torch.amp.GradScaler("cuda", enabled=ctx.dtype == torch.float16 and ctx.device.type == "cuda")
+        # shares the parameters (solo trials only: fit_pack turns compiling off for packs)
+        self.net = torch.compile(self.packed) if ctx.compile_model else self.packed
+        self.epoch_start = math.nan
         self._rebuild()
+        self.update_lrs()  # a schedule's own first lr (OneCycle starts at max_lr / 25, not at the optimizer's lr)
 
     def _rebuild(self) -> None:
         cfgs = [s.member.cfg for s in self.slots]
-        self.loss_fn = PackLoss(cfgs, self.device)
+        self.loss_fn = PackLoss(cfgs, self.device, fused=not self.deterministic)
         self.clip = torch.tensor([c.grad_clip for c in cfgs], device=self.device)
         self.any_clip = any(c.grad_clip for c in cfgs)
         self.per_batch = any(s.schedule.per_batch for s in self.slots)
@@ -394,6 +465,20 @@ class _PackState:
     def new_epoch(self, n: int, data_device: torch.device) -> None:
         self.orders = torch.stack([torch.randperm(n, generator=s.order_gen) for s in self.slots]).to(data_device)
         self.loss_sum = torch.zeros(len(self.slots), device=self.device)
+        if self.per_batch:
+            # the epoch's per-batch lrs, stepped on the host up front and copied to the device once: a step then
+            # reads its row without a host-to-device copy (one per batch before, with any OneCycle member)
+            rows = []
+            for _ in self.batches:
+                rows.append([s.stand_in.param_groups[0]["lr"] for s in self.slots])
+                for s in self.slots:
+                    s.schedule.after_batch()
+            self.lr_rows = rows
+            self.lr_table = torch.tensor(rows, dtype=torch.float32, device=self.device)
+
+    def set_batch_lr(self, i: int) -> None:
+        if self.per_batch:
+            self.optimizer.set_lr(self.lr_rows[i], self.lr_table[i])
 
     def update_lrs(self) -> None:
         self.optimizer.set_lr([s.stand_in.param_groups[0]["lr"] for s in self.slots])
@@ -412,14 +497,74 @@ class _PackState:
             return
         swapped = compact(self.packed, keep)
         self.optimizer.compact(keep, swapped)
-        self.orders = self.orders[torch.tensor(keep, device=self.orders.device)]
-        self.loss_sum = self.loss_sum[torch.tensor(keep, device=self.device)]
+        if hasattr(self, "orders"):
+            self.orders = self.orders[torch.tensor(keep, device=self.orders.device)]
+            self.loss_sum = self.loss_sum[torch.tensor(keep, device=self.device)]
+        if self.per_batch and hasattr(self, "lr_rows"):
+            self.lr_rows = [[row[k] for k in keep] for row in self.lr_rows]
+            self.lr_table = self.lr_table[:, torch.tensor(keep, device=self.device)]
         self.slots = [self.slots[k] for k in keep]
         self._rebuild()
 
+    def grow(self, joining: list[_Slot]) -> None:
+        """Members `joining` take free slots at an epoch boundary, at their own first epoch."""
+        swapped = grow(self.packed, _build_pack(joining, self.device))
+        self.optimizer.grow([s.member.cfg for s in joining], swapped)
+        self.slots = self.slots + joining
+        self._rebuild()
+        self.update_lrs()
 
-def _train_step(state: _PackState, train: Split, start: int, stop: int, scaler: torch.amp.GradScaler,
-                dtype: torch.dtype | None) -> None:
+
+def _train_epoch(state: _PackState, ctx: _Context, leave: Callable[..., None]) -> None:
+    """One epoch of every member of the sub-pack; a member whose loss stops being finite leaves mid-epoch."""
+    state.packed.train()
+    state.epoch_start = time.perf_counter()
+    state.new_epoch(len(ctx.train), ctx.train.images.device)
+    batches = state.batches
+    label = f"epoch {max(s.epoch for s in state.slots) + 1}"
+    bar = tqdm(batches, desc=label + (f" (pack of {len(state.slots)})" if ctx.packed_run else ""), unit="batch",
+               leave=False, disable=not ctx.progress)
+    for i, (start, stop) in enumerate(bar):
+        state.set_batch_lr(i)
+        _train_step(state, ctx.train, start, stop, ctx.dtype)
+        if i % CHECK_EVERY == CHECK_EVERY - 1 or i == len(batches) - 1:
+            running = (state.loss_sum / stop).tolist()
+            bad = [k for k, loss in enumerate(running) if not math.isfinite(loss)]
+            for k in bad:
+                slot = state.slots[k]
+                slot.member.error = Diverged(f"loss became {running[k]} in epoch {slot.epoch + 1}")
+            if bad:
+                leave(state, bad, time.perf_counter() - state.epoch_start, stop)
+                if not state.slots:
+                    break
+            bar.set_postfix(loss=f"{sum(x for x in running if math.isfinite(x)) / max(1, len(running) - len(bad)):.3f}")
+    elapsed = time.perf_counter() - state.epoch_start
+    state.epoch_start = math.nan
+    for slot in state.slots:
+        slot.train_time += elapsed
+        slot.images += batches[-1][1]
+    if state.slots:
+        state.train_loss = (state.loss_sum / batches[-1][1]).tolist()
+
+
+def _validate_epoch(state: _PackState, ctx: _Context, leave: Callable[..., None]) -> None:
+    """Validate every member, record its epoch, and let finished, early-stopped and pruned members leave."""
+    t_eval = time.perf_counter()
+    val_acc = evaluate(state.net, ctx.val, ctx.plain, ctx.device, ctx.dtype, len(state.slots))
+    t_eval = time.perf_counter() - t_eval
+    for slot in state.slots:  # the pack evaluates every member in one pass: each counts the shared time
+        slot.eval_images += len(ctx.val)
+        slot.eval_time += t_eval
+    leaving = [k for k, slot in enumerate(state.slots)
+               if _end_epoch(slot, state.train_loss[k], val_acc[k], ctx, state.packed, k)]
+    state.update_lrs()
+    for k in leaving:  # finished, early-stopped or pruned: the weights it keeps, then its test accuracy
+        _finish(state.slots[k], state.packed, k, ctx)
+    if leaving:
+        leave(state, leaving)
+
+
+def _train_step(state: _PackState, train: Split, start: int, stop: int, dtype: torch.dtype | None) -> None:
     device, k = state.device, len(state.slots)
     idx = state.orders[:, start:stop]
     images = train.images[idx]  # [K, B, C, H, W] uint8
@@ -430,28 +575,27 @@ def _train_step(state: _PackState, train: Split, start: int, stop: int, scaler: 
         logits = state.net(x)
     losses = state.loss_fn(logits.float(), y)
     state.optimizer.zero_grad(set_to_none=True)
+    scaler = state.scaler
     scaler.scale(losses.sum()).backward()
     if state.any_clip:
         scaler.unscale_(state.optimizer)
         clip_grad_norm_per_member(state.packed.parameters(), state.clip, k)
     scaler.step(state.optimizer)
     scaler.update()
-    if state.per_batch:
-        for s in state.slots:
-            s.schedule.after_batch()
-        state.update_lrs()
     state.loss_sum += losses.detach() * (stop - start)
 
 
-def _end_epoch(slot: _Slot, epoch: int, train_loss: float, val_acc: float, progress: bool, log: Callable[[str], None],
-               packed_run: bool, packed: nn.Module, k: int) -> bool:
+def _end_epoch(slot: _Slot, train_loss: float, val_acc: float, ctx: _Context, packed: nn.Module, k: int) -> bool:
     """Record the epoch for one member; True when it leaves the pack now."""
     m, result = slot.member, slot.member.result
+    slot.epoch += 1
+    epoch = slot.epoch
     result.train_loss.append(train_loss)
     result.val_acc.append(val_acc)
     result.epochs_run = result.kept_epoch = epoch
-    if progress:
-        log(f"{f'seed {m.seed}: ' if packed_run else ''}[{epoch}/{m.cfg.epochs}] loss={train_loss:.3f} val_acc={val_acc:.3f}")
+    if ctx.progress:
+        ctx.log(f"{f'seed {m.seed}: ' if ctx.packed_run else ''}[{epoch}/{m.cfg.epochs}] loss={train_loss:.3f} "
+                f"val_acc={val_acc:.3f}")
     slot.schedule.after_epoch(val_acc)
     try:
         if m.on_epoch is not None:
@@ -471,8 +615,7 @@ def _end_epoch(slot: _Slot, epoch: int, train_loss: float, val_acc: float, progr
     return epoch >= m.cfg.epochs
 
 
-def _finish(slot: _Slot, packed: nn.Module, k: int, test: Split, plain: BatchAugment, device: torch.device,
-            dtype: torch.dtype | None) -> None:
+def _finish(slot: _Slot, packed: nn.Module, k: int, ctx: _Context) -> None:
     """A member's final weights (its best epoch's under early stopping) and test accuracy."""
     m = slot.member
     model = unpack_member(packed, k, m.model)
@@ -481,11 +624,11 @@ def _finish(slot: _Slot, packed: nn.Module, k: int, test: Split, plain: BatchAug
     if slot.best_state is not None:  # early stopping keeps the best epoch's weights: value, test and checkpoint agree
         model.load_state_dict(slot.best_state)
         m.result.kept_epoch = slot.best_epoch
-    model.to(device, memory_format=torch.channels_last)
+    model.to(ctx.device, memory_format=torch.channels_last)
     t0 = time.perf_counter()
-    m.result.test_acc = evaluate(model, test, plain, device, dtype)[0]
+    m.result.test_acc = evaluate(model, ctx.test, ctx.plain, ctx.device, ctx.dtype)[0]
     slot.eval_time += time.perf_counter() - t0
-    slot.eval_images += len(test)
+    slot.eval_images += len(ctx.test)
 
 
 def _close(slot: _Slot, now: float) -> None:

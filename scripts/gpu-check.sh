@@ -2,10 +2,11 @@
 # On a GPU machine, with gpu-carry/ from scripts/gpu-prepare.sh: the tests that need CUDA, then the pack
 # benchmark (member-images/s for K = 1, 8, 32, 64 beside the solo path; the best K; what --deterministic costs).
 # Under 3 minutes on one H100. `scripts/gpu-check.sh --study` also times `bench.run --trials 50` (full CIFAR-10,
-# default space, --pack auto) and prints its occupancy and best trial.
+# default space, --pack auto) and prints its occupancy, distinct shapes, members per launch and best trial.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-export PYTHONUNBUFFERED=1 PYTHONPATH="/tmp/bench-site:$PWD"
+# CUBLAS_WORKSPACE_CONFIG before CUDA starts: cuBLAS is deterministic only with it (the tests enable strict mode)
+export PYTHONUNBUFFERED=1 PYTHONPATH="/tmp/bench-site:$PWD" CUBLAS_WORKSPACE_CONFIG=:4096:8
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/bench-site gpu-carry/wheels/*.whl
 [ -d /tmp/cifar10-jpeg/train ] || python3 gpu-carry/data/unpack.py /tmp/cifar10-jpeg >/dev/null
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
@@ -13,6 +14,8 @@ python3 -c "import torch; print('torch', torch.__version__, torch.cuda.get_devic
 python3 -m pytest -q -p no:cacheprovider tests/test_gpu.py
 python3 -m bench.perf --device cuda --dataset /tmp/cifar10-jpeg --cache-dir /tmp/bench-cache --epochs 1 \
   --paths harness --pack 1,8,32,64 --deterministic --quiet
+# how packed studies search (no training: the CPU draws a synthetic landscape), beside the throughput above
+python3 -m bench.perf --simulate-search --pack 1,8,32 --repeats 3 --trials 50
 if [ "${1:-}" = "--study" ]; then
   rm -f /tmp/gpu50.db
   /usr/bin/time -f "bench.run --trials 50: %e s" python3 -m bench.run --trials 50 --dataset /tmp/cifar10-jpeg \

@@ -97,6 +97,7 @@ def _digest(path: Path) -> str:
     ("other-dataset", "--force"),
     ("other-space", "--force"),
     ("bad-device", "is not a device"),
+    ("fp16-pack", "fp16 cannot train a pack"),
 ])
 def test_bad_input_leaves_the_stored_study_untouched(base_args, tmp_path, capsys, case, message):
     from bench.fixtures import make_image_folder
@@ -131,6 +132,8 @@ def test_bad_input_leaves_the_stored_study_untouched(base_args, tmp_path, capsys
         extra += ["--max-epochs", "4"]
     elif case == "bad-device":
         extra += ["--device", "gpu"]
+    elif case == "fp16-pack":
+        extra += ["--pack", "4", "--precision", "fp16"]
     assert run(*bad, *extra) == 2
     err = capsys.readouterr().err.strip()
     assert message in err and len(err.splitlines()) == 1 and err.startswith("error: ")

@@ -150,7 +150,7 @@ def test_a_killed_matrix_rerun_finishes_with_exactly_n_seeds_per_cell(rgb_folder
 
 def test_a_diverged_cell_is_rerun_once_then_counted_as_diverged(rgb_folder, cache_dir, tmp_path, monkeypatch):
     import bench.objective
-    from bench.train import Diverged
+    from bench.train import Diverged, PackLog
 
     _small_design(monkeypatch)
     args, storage = _matrix_args(rgb_folder, cache_dir, tmp_path, seeds=1)
@@ -159,7 +159,8 @@ def test_a_diverged_cell_is_rerun_once_then_counted_as_diverged(rgb_folder, cach
     def mse_diverges(members, splits, **k):
         if members[0].cfg.loss == "mse":  # as the loop reports it: the member leaves with Diverged
             members[0].error = Diverged("loss became nan in epoch 1")
-            return None
+            k["on_leave"](members[0])
+            return PackLog(1)
         return real_fit(members, splits, **k)
 
     monkeypatch.setattr(bench.objective, "fit_pack", mse_diverges)

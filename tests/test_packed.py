@@ -76,16 +76,16 @@ def test_a_member_trains_in_a_pack_of_four_exactly_as_alone(splits, monkeypatch,
     if dtype == torch.float64:
         float64_batches(monkeypatch)
     cfg = STEP.replace(epochs=steps, **arch)
-    solo = train(splits, [cfg], [3], dtype)[0]
     others = [same_shape(o.replace(**arch), cfg) for o in OTHERS]
-    pack = train(splits, [others[0], cfg, others[1], others[2]], [11, 3, 12, 13], dtype)
-    mine = pack[1]
-    assert len(solo.result.train_loss) == len(mine.result.train_loss) == steps
-    assert mine.result.train_loss == pytest.approx(solo.result.train_loss, abs=tol)
-    assert abs(mine.result.val_acc[-1] - solo.result.val_acc[-1]) <= 0.002
-    assert abs(mine.result.test_acc - solo.result.test_acc) <= 0.002
-    assert all(m.error is None and m.result.epochs_run == steps for m in pack)
+    cfgs, seeds = [others[0], cfg, others[1], others[2]], [11, 3, 12, 13]
+    pack = train(splits, cfgs, seeds, dtype)
     assert len({tuple(m.result.train_loss) for m in pack}) == 4  # the members really differ
+    for c, seed, mine in zip(cfgs, seeds, pack, strict=True):  # every member (Adam, SGD, RMSprop, AdamW) as alone
+        solo = train(splits, [c], [seed], dtype)[0]
+        assert mine.error is None and len(solo.result.train_loss) == len(mine.result.train_loss) == steps
+        assert mine.result.train_loss == pytest.approx(solo.result.train_loss, abs=tol), c.optimizer
+        assert abs(mine.result.val_acc[-1] - solo.result.val_acc[-1]) <= 0.002, c.optimizer
+        assert abs(mine.result.test_acc - solo.result.test_acc) <= 0.002, c.optimizer
 
 
 def test_the_assignment_block_trains_in_a_pack_exactly_as_alone(splits):
@@ -99,15 +99,14 @@ def test_the_assignment_block_trains_in_a_pack_exactly_as_alone(splits):
     others = [same_shape(OTHERS[0].replace(dropout=0.5), cfg), same_shape(OTHERS[1], cfg), same_shape(OTHERS[2], cfg)]
     cfgs, seeds = [others[0], cfg, others[1], others[2]], [11, 3, 12, 13]
     assert [feature_dropout(c) for c in cfgs] == [0.5, 0.3, 0.0, 0.0] and not any(head_dropout(c) for c in cfgs)
-    solo = train(splits, [cfg], [3])[0]
     pack = train(splits, cfgs, seeds)
-    mine = pack[1]
-    assert len(solo.result.train_loss) == len(mine.result.train_loss) == 10
-    assert mine.result.train_loss == pytest.approx(solo.result.train_loss, abs=1e-4)
-    assert abs(mine.result.val_acc[-1] - solo.result.val_acc[-1]) <= 0.002
-    assert abs(mine.result.test_acc - solo.result.test_acc) <= 0.002  # measured on the member's unpacked solo model
-    assert all(m.error is None and m.result.epochs_run == 10 for m in pack)
     assert len({tuple(m.result.train_loss) for m in pack}) == 4  # the members really differ
+    for c, seed, mine in zip(cfgs, seeds, pack, strict=True):
+        solo = train(splits, [c], [seed])[0]
+        assert mine.error is None and len(solo.result.train_loss) == len(mine.result.train_loss) == 10
+        assert mine.result.train_loss == pytest.approx(solo.result.train_loss, abs=1e-4), c.optimizer
+        assert abs(mine.result.val_acc[-1] - solo.result.val_acc[-1]) <= 0.002, c.optimizer
+        assert abs(mine.result.test_acc - solo.result.test_acc) <= 0.002, c.optimizer  # on its unpacked solo model
 
     # unpack_member: each member's weights and BatchNorm statistics load into a solo model of its config, which then
     # computes what the pack computes for that member
@@ -298,8 +297,8 @@ def test_bench_run_in_packs_of_four_fills_its_packs(rgb_folder, cache_dir, tmp_p
     args, storage = run_args(rgb_folder, cache_dir, tmp_path, "--pack", "4", "--trials", "8")
     assert run_cli(main, args) == 0
     out = capsys.readouterr().out
-    occupancy = int(out.split("mean pack occupancy: ")[1].split("%")[0])
-    assert occupancy >= 75
+    occupancy = int(out.split("pack occupancy ")[1].split("%")[0])
+    assert occupancy >= 75 and "distinct shapes" in out and "members per launch" in out
     study = optuna.load_study(study_name="p", storage=storage)
     done = study.get_trials(states=(optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED))
     assert len(done) == len(study.trials) == 8
@@ -328,7 +327,7 @@ def _runner(rgb_folder, cache_dir, tmp_path):
     return study, objective, TrialGate(storage, "r")
 
 
-def test_asks_with_two_signatures_become_two_packs(rgb_folder, cache_dir, tmp_path):
+def test_asks_with_two_signatures_train_as_two_sub_packs_of_one_pack(rgb_folder, cache_dir, tmp_path):
     from bench.objective import Attr
     from bench.study import run_packs
 
@@ -337,11 +336,10 @@ def test_asks_with_two_signatures_become_two_packs(rgb_folder, cache_dir, tmp_pa
         study.enqueue_trial({"width": width, "batch_size": 64, "extra_blocks": 0, "batch_norm": False,
                              "residual": False, "hidden_units": 128, "epochs": 1})
     stats = run_packs(study, objective, 4, pack=4, gate=gate, say=lambda line: None)
-    assert stats.members == [2, 2] and stats.occupancy == 0.5
-    by_width = {}
-    for t in study.trials:
-        by_width.setdefault(t.params["width"], []).append((t.user_attrs[Attr.PACK_SIZE], t.user_attrs[Attr.PACK_SLOT]))
-    assert sorted(by_width[1.0]) == sorted(by_width[2.0]) == [(2, 0), (2, 1)]
+    assert stats.members == [4] and stats.launches == [2] and stats.occupancy == 1.0 and len(stats.signatures) == 2
+    assert sorted(t.user_attrs[Attr.PACK_SLOT] for t in study.trials) == [0, 1, 2, 3]
+    assert {t.user_attrs[Attr.PACK_SIZE] for t in study.trials} == {4}
+    assert all(t.state.name in ("COMPLETE", "PRUNED") for t in study.trials)
 
 
 def test_out_of_memory_halves_the_pack_and_says_so(rgb_folder, cache_dir, tmp_path, monkeypatch):
@@ -361,7 +359,7 @@ def test_out_of_memory_halves_the_pack_and_says_so(rgb_folder, cache_dir, tmp_pa
     said = []
     stats = run_packs(study, objective, 6, pack=4, gate=gate, say=said.append)
     assert any("out of memory with a pack of 4: halving it to 2" in line for line in said)
-    assert all(t.state.name == "COMPLETE" for t in study.trials) and len(study.trials) == 6
+    assert all(t.state.name in ("COMPLETE", "PRUNED") for t in study.trials) and len(study.trials) == 6
     assert {t.user_attrs[Attr.PACK_SIZE] for t in study.trials} == {2}  # the runner asks packs of 2 from then on
     assert stats.members[-1] == 2
 
@@ -388,3 +386,81 @@ def test_interrupting_a_pack_leaves_no_running_trial(rgb_folder, cache_dir, tmp_
     study = optuna.load_study(study_name="p", storage=storage)
     assert len(study.get_trials(states=(optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED))) == 6
     assert not study.get_trials(states=(optuna.trial.TrialState.RUNNING,))
+
+
+# --- backfill, mixed shapes, and the failure paths -----------------------------------------------
+
+
+def test_a_freed_slot_is_refilled_and_every_member_trains_as_alone(splits):
+    """One pack of three slots: two shapes (two sub-packs), a member pruned after epoch 1 whose slot a newcomer takes at
+    the boundary; the newcomer (Adam at its own step 1 beside an Adam member at step N, OneCycle from its own start)
+    and everyone else train exactly as alone."""
+    base = BASELINE.replace(epochs=3, batch_size=16)
+    pruned_cfg = base.replace(optimizer="sgd", lr=0.05, momentum=0.9)
+    stay, wide = base.replace(lr=1e-2), base.replace(width=2.0, epochs=2)
+    late = base.replace(epochs=2, lr=1e-3, scheduler="onecycle", dropout=0.3)
+    solo = {name: train(splits, [c], [s])[0] for name, c, s in (("stay", stay, 2), ("wide", wide, 3), ("late", late, 7))}
+
+    class Pruned(Exception):
+        pass
+
+    def prune_after_first(epoch, loss, acc):
+        if epoch == 1:
+            raise Pruned
+
+    joined, left = [], []
+
+    def refill(free):
+        if joined:
+            return []
+        assert free == 1
+        joined.append(member(splits, late, 7))
+        return joined
+
+    pack = [member(splits, pruned_cfg, 1, prune_after_first), member(splits, stay, 2), member(splits, wide, 3)]
+    log = fit_pack(pack, splits, device=CPU, precision="fp32", progress=False, capacity=3, refill=refill,
+                   on_leave=left.append)
+    assert isinstance(pack[0].error, Pruned) and left[0] is pack[0]
+    assert sorted(map(id, left)) == sorted(map(id, pack + joined))  # everyone handed back once, as they left
+    assert log.members == [3, 3, 2] and log.launches == [2, 2, 1] and len(log.signatures) == 2
+    for name, mine in (("stay", pack[1]), ("wide", pack[2]), ("late", joined[0])):
+        alone = solo[name].result
+        assert mine.error is None and mine.result.epochs_run == alone.epochs_run, name
+        assert mine.result.train_loss == pytest.approx(alone.train_loss, abs=1e-4), name
+        assert mine.result.val_acc == pytest.approx(alone.val_acc, abs=0.002), name
+        assert abs(mine.result.test_acc - alone.test_acc) <= 0.002, name
+
+
+def test_fp16_is_refused_for_a_pack(splits):
+    from bench.errors import UsageError
+
+    with pytest.raises(UsageError, match="fp16 cannot train a pack.*bf16"):
+        fit_pack([member(splits, BASELINE, 0), member(splits, BASELINE, 1)], splits, device=CPU, precision="fp16")
+
+
+@pytest.mark.parametrize("failure", [
+    lambda: torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB"),
+    lambda: RuntimeError("cuDNN error: CUDNN_STATUS_ALLOC_FAILED"),  # cuDNN and cuBLAS say it as a plain RuntimeError
+], ids=["torch", "cudnn"])
+def test_out_of_memory_retries_after_the_failed_pack_is_released(rgb_folder, cache_dir, tmp_path, monkeypatch, failure):
+    import weakref
+
+    import bench.objective
+    from bench.study import run_packs
+
+    real, failed_packs = bench.objective.fit_pack, []
+
+    def small_device(members, *a, **k):
+        if len(members) > 2:
+            activations = torch.zeros(1024)  # stands for the failed pack's tensors, held by this frame
+            failed_packs.append(weakref.ref(activations))
+            raise failure()
+        assert all(ref() is None for ref in failed_packs), "the failed pack is still alive while the retry trains"
+        return real(members, *a, **k)
+
+    monkeypatch.setattr(bench.objective, "fit_pack", small_device)
+    study, objective, gate = _runner(rgb_folder, cache_dir, tmp_path)
+    said = []
+    run_packs(study, objective, 4, pack=4, gate=gate, say=said.append)
+    assert failed_packs and any("halving it to 2" in line for line in said)
+    assert len(study.trials) == 4 and all(t.state.name in ("COMPLETE", "PRUNED") for t in study.trials)

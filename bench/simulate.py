@@ -1,0 +1,185 @@
+"""The search simulator: how a packed study searches, without training anything.
+
+It runs the real path of a study (bench.study.run_packs: ask under the budget, pack forming with
+followers, backfill at epoch boundaries, report and prune through the objective's own callback,
+tell) with one piece swapped: `SimulatedObjective.train` draws each member's per-epoch validation
+accuracy from a synthetic landscape instead of training. The landscape depends on the architecture
+(every shape field, plus a seeded interaction per shape signature, so exploring shapes pays) and on
+the free knobs (learning rate per optimizer, loss, augmentation, dropout, schedule), with seeded
+per-epoch noise. A 50-trial study takes about a second, so packed and solo searches can be compared
+over paired repeats (`python -m bench.perf --simulate-search`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import optuna
+import torch
+
+from bench.objective import Attr, Objective, TrialSettings
+from bench.packed import shape_signature
+from bench.space import BASELINE, TrainConfig, build_space, config_from_params, params_for_config, suggest
+from bench.stats import paired_diff
+from bench.study import create_pruner, create_sampler, run_packs
+from bench.train import Member, PackLog
+
+CHANCE = 0.1
+NOISE_SD = 0.006  # per-epoch validation noise: about the binomial noise of 5,000 validation images at 60%
+CURVE_EPOCHS = 4.0  # epochs to reach 1 - 1/e of a run's final accuracy
+LR_OPTIMUM = {"adam": 2e-3, "adamw": 2e-3, "rmsprop": 1e-3, "sgd": 3e-2}
+WIDTH = {0.5: -0.04, 1.0: 0.0, 1.5: 0.015, 2.0: 0.025}
+EXTRA_BLOCKS = {0: 0.0, 1: 0.02, 2: 0.015}
+HIDDEN = {0: -0.02, 128: 0.0, 256: 0.005, 512: 0.005}
+BATCH = {64: 0.005, 128: 0.0, 256: -0.01}
+LOSS = {"ce": 0.0, "focal": -0.005, "mse": -0.02}
+SCHEDULER = {"none": 0.0, "step": 0.005, "cosine": 0.01, "onecycle": 0.012, "plateau": 0.004}
+AUGMENT = {"crop": 0.02, "flip": 0.015, "color_jitter": 0.003, "rotation": -0.002, "affine": 0.002,
+           "grayscale": -0.003, "erasing": 0.004}
+
+
+def _unit(*key: object) -> float:
+    """A reproducible number in [0, 1) for `key` (the same on every machine and Python run)."""
+    return int.from_bytes(hashlib.sha256(repr(key).encode()).digest()[:8], "big") / 2**64
+
+
+def final_accuracy(cfg: TrainConfig, landscape: int) -> float:
+    """The accuracy a run of `cfg` tends to, without noise."""
+    shape = (0.60 + WIDTH.get(cfg.width, 0.0) + 0.03 * cfg.batch_norm + BATCH.get(cfg.batch_size, 0.0)
+             + HIDDEN.get(cfg.hidden_units, 0.0))
+    if cfg.conv_layout == "stages":
+        shape += EXTRA_BLOCKS.get(cfg.extra_blocks, 0.0) + 0.01 * cfg.residual
+    else:
+        shape += 0.02
+    shape += 0.06 * (_unit("shape", shape_signature(cfg), landscape) - 0.5)  # what no additive model predicts
+    log_ratio = math.log10(cfg.lr / LR_OPTIMUM.get(cfg.optimizer, 2e-3))
+    if abs(log_ratio) > 1.5:
+        return CHANCE  # far off the optimizer's range: the run does not learn
+    free = (-0.06 * log_ratio**2 + LOSS.get(cfg.loss, 0.0) + 0.02 * cfg.label_smoothing - 0.1 * cfg.label_smoothing**2
+            + 0.04 * cfg.dropout - 0.1 * cfg.dropout**2 + SCHEDULER.get(cfg.scheduler, 0.0)
+            + sum(v for k, v in AUGMENT.items() if getattr(cfg, k)))
+    return float(min(0.95, max(CHANCE, shape + free)))
+
+
+def accuracy_at(cfg: TrainConfig, epoch: int, seed: int, landscape: int) -> float:
+    final = final_accuracy(cfg, landscape)
+    noise = np.random.default_rng([landscape, seed, epoch]).normal(0.0, NOISE_SD)
+    return float(min(1.0, max(0.0, CHANCE + (final - CHANCE) * (1 - math.exp(-epoch / CURVE_EPOCHS)) + noise)))
+
+
+class SimulatedObjective(Objective):
+    """The objective with training replaced by the landscape; suggesting, reporting, pruning and concluding are the
+    objective's own."""
+
+    def __init__(self, space: tuple, landscape: int, seed: int = 0, grid_only: bool = False):
+        self.space, self.landscape, self.grid_only = space, landscape, grid_only
+        self.settings = TrialSettings(device="cpu", seed=seed, progress=False)
+        self.device = torch.device("cpu")
+        self.on_model = None
+
+    def member(self, trial: optuna.Trial) -> Member:
+        cfg = config_from_params(suggest(trial, self.space, grid_only=self.grid_only))
+        seed = int(trial.user_attrs.get(Attr.SEED, self.settings.seed + trial.number))
+        trial.set_user_attr(Attr.SEED, seed)
+        return self.attach_reporting(trial, Member(None, cfg, seed))  # type: ignore[arg-type]
+
+    def rebuild(self, member: Member) -> None:
+        member.result.__init__()  # type: ignore[misc]
+        member.error = None
+
+    def train(self, members: list[Member], *, capacity: int | None = None,
+              refill: Callable[[int], Sequence[Member]] | None = None,
+              on_leave: Callable[[Member], None] | None = None) -> PackLog:
+        """bench.train.fit_pack's schedule (sub-packs per shape, leave at once, refill at epoch boundaries) with
+        drawn accuracies."""
+        active = list(members)
+        capacity = max(capacity or len(active), len(active))
+        log = PackLog(capacity)
+        while active:
+            log.members.append(len(active))
+            log.launches.append(len({shape_signature(m.cfg) for m in active}))
+            log.signatures |= {shape_signature(m.cfg) for m in active}
+            leaving = []
+            for m in active:
+                r = m.result
+                epoch = r.epochs_run + 1
+                acc = accuracy_at(m.cfg, epoch, m.seed, self.landscape)
+                r.train_loss.append(1.0 - acc)
+                r.val_acc.append(acc)
+                r.epochs_run = r.kept_epoch = epoch
+                try:
+                    if m.on_epoch is not None:
+                        m.on_epoch(epoch, 1.0 - acc, acc)
+                except Exception as exc:  # pruned: leaves, as in the loop
+                    m.error = exc
+                    leaving.append(m)
+                    continue
+                if epoch >= m.cfg.epochs:
+                    r.test_acc = accuracy_at(m.cfg, epoch, m.seed + 1, self.landscape)
+                    leaving.append(m)
+            for m in leaving:
+                active.remove(m)
+                if on_leave is not None:
+                    on_leave(m)
+            if refill is not None and capacity > len(active):
+                active += list(refill(capacity - len(active)))
+        return log
+
+
+@dataclass(frozen=True)
+class SearchRun:
+    pack: int
+    repeat: int
+    distinct_shapes: int
+    best_value: float
+    best_true: float  # the noiseless accuracy of the trial the study picked
+    occupancy: float
+    members_per_launch: float
+    trials: int
+
+
+def simulate_search(pack: int, trials: int, repeat: int, *, sampler: str = "tpe", pruner: str = "median",
+                    max_epochs: int = 30, per_shape: int | None = None) -> SearchRun:
+    """One study of `trials` on the landscape of `repeat`, with the sampler seeded by `repeat` too: repeats are
+    paired across pack sizes. The study starts from the baseline, as bench.run's does."""
+    space = build_space(max_epochs)
+    study = optuna.create_study(storage=optuna.storages.InMemoryStorage(), direction="maximize",
+                                sampler=create_sampler(sampler, repeat, space), pruner=create_pruner(pruner, max_epochs))
+    study.enqueue_trial(params_for_config(BASELINE, space))
+    objective = SimulatedObjective(space, landscape=repeat, grid_only=sampler == "grid")
+    stats = run_packs(study, objective, trials, pack=pack, gate=contextlib.nullcontext(),  # type: ignore[arg-type]
+                      per_shape=per_shape, say=lambda line: None)
+    finished = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED))
+    shapes = {shape_signature(config_from_params(t.params)) for t in finished}
+    best = study.best_trial
+    return SearchRun(pack, repeat, len(shapes), float(best.value),
+                     final_accuracy(config_from_params(best.params), repeat), stats.occupancy,
+                     stats.members_per_launch, len(finished))
+
+
+def compare_packs(packs: Sequence[int], repeats: int, trials: int, *, per_shape: int | None = None,
+                  sampler: str = "tpe", pruner: str = "median") -> list[str]:
+    """Lines: per pack size, distinct shapes, best value (and the paired difference from solo, 95% interval), mean
+    occupancy and members per launch over `repeats` paired repeats."""
+    sizes = sorted(set(packs) | {1})
+    runs = {k: [simulate_search(k, trials, r, sampler=sampler, pruner=pruner, per_shape=per_shape)
+                for r in range(repeats)] for k in sizes}
+    solo = runs[1]
+    lines = [f"search simulator: {trials} trials, {sampler} + {pruner}, {repeats} paired repeats (synthetic landscape)",
+             f"{'pack':>5} {'shapes':>7} {'of solo':>8} {'best val':>9} {'best - solo [95% CI]':>24} "
+             f"{'occupancy':>10} {'per launch':>11}"]
+    for k in sizes:
+        rs = runs[k]
+        shapes = np.mean([r.distinct_shapes for r in rs])
+        best = np.array([r.best_value for r in rs])
+        diff = paired_diff(best, np.array([r.best_value for r in solo]))
+        ci = "-" if k == 1 else f"{diff.mean:+.4f} [{diff.low:+.4f}, {diff.high:+.4f}]"
+        lines.append(f"{k:>5} {shapes:>7.1f} {shapes / np.mean([r.distinct_shapes for r in solo]):>8.0%} "
+                     f"{best.mean():>9.4f} {ci:>24} {np.mean([r.occupancy for r in rs]):>10.0%} "
+                     f"{np.mean([r.members_per_launch for r in rs]):>11.1f}")
+    return lines

@@ -27,7 +27,7 @@ from bench.locks import TrialGate, storage_file
 from bench.objective import Attr, Objective, finished, mark_interrupted
 from bench.packed import SHAPE_FIELDS
 from bench.space import Param, grid_search_space
-from bench.train import Member
+from bench.train import Member, PackLog
 
 warnings.filterwarnings("ignore", category=ExperimentalWarning)  # heartbeats, TPE groups: used on purpose
 # run_packs asks trials itself and runs a heartbeat thread for each (get_heartbeat_thread), as optimize does
@@ -241,12 +241,12 @@ class PackStats:
     drained: int = 0
     trials: int = 0
 
-    def add(self, members: list[int], launches: list[int], capacity: int, signatures: set[tuple], drained: int) -> None:
-        self.members += members
-        self.launches += launches
-        self.slots += [capacity] * len(members)
-        self.signatures |= signatures
-        self.drained += drained
+    def add(self, log: PackLog) -> None:
+        self.members += log.members
+        self.launches += log.launches
+        self.slots += [log.capacity] * len(log.members)
+        self.signatures |= log.signatures
+        self.drained += _drained(log.members, log.capacity)
 
     @property
     def occupancy(self) -> float:
@@ -481,10 +481,9 @@ def run_packs(study: optuna.Study, objective: Objective, target: int | None, *, 
             members = runner.ask(runner.capacity)
             if not members:
                 break
-            capacity = runner.capacity
             message = None
             try:
-                log = objective.train(members, capacity=capacity, refill=runner.ask, on_leave=runner.tell)
+                log = objective.train(members, capacity=runner.capacity, refill=runner.ask, on_leave=runner.tell)
             except torch.OutOfMemoryError as exc:
                 message = f"out of memory: {str(exc).splitlines()[0] if str(exc) else 'device memory'}"
             # outside the except block: the failed pack's frames (and tensors) are gone before anything is retried
@@ -495,7 +494,7 @@ def run_packs(study: optuna.Study, objective: Objective, target: int | None, *, 
                 runner.out_of_memory(message, say)
             else:
                 runner.tell_all()  # members the pack itself failed (an exception in training): each is told
-                stats.add(log.members, log.launches, capacity, log.signatures, _drained(log.members, capacity))
+                stats.add(log)
         runner.tell_all(RuntimeError("not retried: the run stopped (failure guard or time limit)"))
     except BaseException as error:
         runner.abort(error)

@@ -61,9 +61,10 @@ def postgres(session: nox.Session) -> None:
 
 @nox.session(python="3.11")
 def lint(session: nox.Session) -> None:
-    """Check style and common bugs with ruff."""
-    session.install("ruff>=0.5")
+    """Check style and common bugs with ruff, and the import layers ([tool.importlinter]) with import-linter."""
+    session.install(*nox.project.load_toml("pyproject.toml")["project"]["optional-dependencies"]["lint"])
     session.run("ruff", "check", "bench", "tests", "scripts", "noxfile.py", *session.posargs)
+    session.run("lint-imports", "--no-cache")
 
 
 @nox.session(python="3.11")
@@ -71,7 +72,7 @@ def smoke(session: nox.Session) -> None:
     """A 2-trial, 1-epoch study on generated data, then its report (posargs go to bench.run)."""
     install(session)
     tmp = session.create_tmp()
-    session.run("python", "-m", "bench.fixtures", f"{tmp}/tiny")
+    session.run("python", "-m", "bench.sample_data", f"{tmp}/tiny")
     storage = f"sqlite:///{tmp}/smoke.db"
     session.run("python", "-m", "bench.run", "--trials", "2", "--max-epochs", "1", "--dataset", f"{tmp}/tiny",
                 "--study-name", "smoke", "--storage", storage, "--cache-dir", f"{tmp}/cache", *session.posargs)

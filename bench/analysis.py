@@ -27,11 +27,12 @@ from bench.design import (
     matrix_rows,
     resolve_reference,
 )
-from bench.objective import Attr, DataAttr
+from bench.schema import Attr, StudyAttr
 from bench.space import (
     BASELINE,
     BUDGET_TIERS,
     CONFIG_FIELDS,
+    EPOCHS_PARAM,
     FACTORS,
     MATRIX_LEVELS,
     Level,
@@ -170,7 +171,7 @@ def load_claims() -> list[Claim]:
     claims = []
     for c in _claims_file()["claims"]:
         b = c["budget"]
-        budget = Budget(b["epochs"], b.get("reference_epochs", b["epochs"]), b["train_images"], b["source"])
+        budget = Budget(b["train_epochs"], b.get("reference_epochs", b["train_epochs"]), b["train_images"], b["source"])
         claims.append(Claim(c["id"], c["spec"], c["level"], c["text"], c["reading"], c["measure"], c["reference"],
                             c["low"], c["high"], c["wording"], budget, tuple(c.get("data", ("CIFAR-10",)))))
     return claims
@@ -199,8 +200,8 @@ def identify_data(attrs: dict[str, Any]) -> StudyData:
     """The study's data as one of claims.json's datasets: a copy counts when its class names, image shape and train
     images match (an ImageFolder tree of CIFAR-10 is CIFAR-10)."""
     try:
-        classes, channels = tuple(attrs[DataAttr.CLASSES]), int(attrs[DataAttr.CHANNELS])
-        size, images = tuple(int(x) for x in attrs[DataAttr.IMAGE_SIZE]), int(attrs[DataAttr.TRAIN_IMAGES])
+        classes, channels = tuple(attrs[StudyAttr.DATA_CLASSES]), int(attrs[StudyAttr.DATA_CHANNELS])
+        size, images = tuple(int(x) for x in attrs[StudyAttr.DATA_IMAGE_SIZE]), int(attrs[StudyAttr.DATA_TRAIN_IMAGES])
     except KeyError:
         return StudyData(None, "this study did not record its data (rerun bench.matrix once to record it)")
     except (TypeError, ValueError):
@@ -298,7 +299,7 @@ def designed_cells(trials: pd.DataFrame, metric: str = "test_acc") -> dict[str, 
                     failed.append(int(seed))
             else:
                 (diverged if outcome == "diverged" else failed).append(int(seed))
-            for epochs, images in counted[["epochs", "train_images"]].itertuples(index=False):
+            for epochs, images in counted[[EPOCHS_PARAM, "train_images"]].itertuples(index=False):
                 budgets.add((int(epochs), None if pd.isna(images) else int(images)))
         latest = group.sort_values("number").iloc[-1]
         config = config_from_params({k: latest[k] for k in names}) if all(k in group for k in names) else None
@@ -348,7 +349,8 @@ def budget_note(claim: Claim, tier: int, level: CellData, reference: CellData | 
 
 # --- the improvement matrix ------------------------------------------------------------
 
-BASELINE_LEVEL = Level("epochs", BASELINE_CELL, {}, budgets=(BASELINE.epochs,))
+BASELINE_LEVEL = Level(FACTORS[0], BASELINE_CELL,  # a level of the first factor, the epochs (bench.space.FACTORS)
+                       {}, budgets=(BASELINE.epochs,))
 DIVERGED_RULE = ("a t-interval assumes one run-to-run distribution and a diverged run is not from it: the interval "
                  "covers the seeds that trained, and the row gets no verdict")
 
@@ -390,7 +392,7 @@ def _designed_row(level: Level, tier: int, cell: str, cells: dict[str, CellData]
             "reference_diverged_seeds": ", ".join(map(str, reference.diverged_seeds)) if reference else "",
             "mean_acc": acc.mean, "acc_low": acc.low, "acc_high": acc.high,
             "diff": diff.mean, "diff_low": diff.low, "diff_high": diff.high, "interval": diff.method,
-            "epochs": data.epochs, "reference_epochs": reference.epochs if reference else None,
+            "budget_epochs": data.epochs, "reference_epochs": reference.epochs if reference else None,
             "train_images": data.train_images}
     judged = acc if claim is not None and claim.measure == "accuracy" else diff
     row["half_width"] = judged.half_width
@@ -571,7 +573,7 @@ MATRIX_COLUMNS = [
     "diverged_seeds", "reference_diverged_seeds",
     "mean_acc", "acc_low", "acc_high", "diff", "diff_low", "diff_high", "interval", "half_width", "verdict", "note",
     "p_raw", "p_holm", "holm_level", "n_tests", "seeds_needed",
-    "epochs", "reference_epochs", "train_images", "claim_id", "spec", "claim", "claim_reading", "claim_wording",
+    "budget_epochs", "reference_epochs", "train_images", "claim_id", "spec", "claim", "claim_reading", "claim_wording",
     "claim_measure", "claim_low", "claim_high",
     "claim_epochs", "claim_reference_epochs", "claim_train_images", "claim_budget_source", "method",
 ]
@@ -617,12 +619,12 @@ def cumulative_frame(trials: pd.DataFrame, metric: str = "test_acc",
         ci = mean_interval(np.array(list(data.values.values())))
         diff = compare(data, previous) if previous is not None and previous.values else NO_DATA
         rows.append({"step": step.label, "cell": step.cell, "n": data.seeds, "n_diverged": data.diverged,
-                     "epochs": data.epochs, "mean_acc": ci.mean, "acc_low": ci.low, "acc_high": ci.high,
+                     "budget_epochs": data.epochs, "mean_acc": ci.mean, "acc_low": ci.low, "acc_high": ci.high,
                      "step_diff": diff.mean, "step_low": diff.low, "step_high": diff.high, "n_pairs": diff.n})
         previous = data
     if len(rows) == 1 and rows[0]["step"] == BASELINE_CELL:
         rows = []  # the baseline alone is no path
-    return pd.DataFrame(rows, columns=["step", "cell", "n", "n_diverged", "epochs", "mean_acc", "acc_low", "acc_high",
+    return pd.DataFrame(rows, columns=["step", "cell", "n", "n_diverged", "budget_epochs", "mean_acc", "acc_low", "acc_high",
                                        "step_diff", "step_low", "step_high", "n_pairs"])
 
 

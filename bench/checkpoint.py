@@ -70,7 +70,7 @@ def load_checkpoint(path: Path) -> tuple[torch.nn.Module, ModelMeta]:
 
 
 class CheckpointSink:
-    """Objective hook: stores a finished trial's model under the --keep-models policy."""
+    """TrialTrainer hook: stores a finished trial's model under the --keep-models policy."""
 
     def __init__(self, store: FileSystemArtifactStore, storage: optuna.storages.BaseStorage, policy: str, dataset: Dataset):
         self.store = store

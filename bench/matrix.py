@@ -24,12 +24,7 @@ from optuna.trial import TrialState
 
 from bench.analysis import attempt_kind, settle
 from bench.checkpoint import KEEP_POLICIES, CheckpointSink, artifact_dir, open_store
-from bench.design import Cell, design, parse_budgets, select
-from bench.errors import UsageError, redact, run_cli
-from bench.locks import RunLock, TrialGate, storage_file
-from bench.objective import Attr, Objective, TrialSettings
-from bench.packed import shape_signature
-from bench.run import (
+from bench.cli import (
     INTERRUPTED_EXIT,
     add_data_args,
     add_study_args,
@@ -42,9 +37,16 @@ from bench.run import (
     study_meta,
     trial_line,
 )
+from bench.design import Cell, design, parse_budgets, select
+from bench.errors import UsageError, redact, run_cli
+from bench.hardware import resolve_device
+from bench.locks import RunLock, TrialGate, storage_file
+from bench.objective import TrialSettings, TrialTrainer
+from bench.packed import shape_signature
+from bench.runner import run_packs
+from bench.schema import Attr, StudyAttr
 from bench.space import BASELINE, BUDGET_TIERS, build_space, is_active, params_for_config
-from bench.study import FINISHED, default_storage, fail_orphans, open_storage, open_study, run_packs
-from bench.train import resolve_device
+from bench.storage import FINISHED, default_storage, fail_orphans, open_storage, open_study
 
 
 def pending(cells: Sequence[Cell], study: optuna.Study, *, outcomes: tuple[str, ...] = ("todo",)) -> list[Cell]:
@@ -61,7 +63,7 @@ UNSETTLED = ("todo", "active")  # no outcome yet: to run, waiting or running
 def describe(cells: Sequence[Cell], train_images: int, done: int) -> list[str]:
     """The design as a table, tier by tier, with each tier's compute (epochs x images)."""
     names = list(dict.fromkeys(c.name for c in cells))
-    lines = [f"{'cell':<44} {'factor':<13} {'tier':>4} {'epochs':>6} {'seeds':>5}  changes from the baseline recipe"]
+    lines = [f"{'cell':<44} {'factor':<13} {'tier':>4} {'run at':>6} {'seeds':>5}  changes from the baseline recipe"]
     for name in names:
         group = [c for c in cells if c.name == name]
         cfg = group[0].config
@@ -109,7 +111,7 @@ class Progress:
                 f"training images{left}")
 
 
-def run_cells(study: optuna.Study, cells: Sequence[Cell], space: tuple, *, objective: Objective, gate: TrialGate,
+def run_cells(study: optuna.Study, cells: Sequence[Cell], space: tuple, *, trainer: TrialTrainer, gate: TrialGate,
               fail_left_running: bool, train_images: int, stop_after: float | None = None, pack: int = 1) -> int:
     """Run the cells a pack at a time (enqueued just before they run, so --only and --stop-after leave nothing
     queued): with `pack` K > 1, up to K waiting trials that share a shape signature (every seed of a cell does) train
@@ -148,7 +150,7 @@ def run_cells(study: optuna.Study, cells: Sequence[Cell], space: tuple, *, objec
         try:
             remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
             busy = len(study.get_trials(deepcopy=False, states=(*FINISHED, TrialState.RUNNING)))
-            run_packs(study, objective, busy + pack, pack=pack, gate=gate, timeout=remaining, callbacks=[report],
+            run_packs(study, trainer, busy + pack, pack=pack, gate=gate, timeout=remaining, callbacks=[report],
                       enqueued_only=True)
         except KeyboardInterrupt:
             print("interrupted: the running cell is recorded as failed (interrupted); rerun the same command to finish "
@@ -254,23 +256,23 @@ def main(argv: Sequence[str] | None = None) -> int:
     meta = study_meta(args, dataset, space)
     study, is_new = open_study(args.study_name, storage, sampler=optuna.samplers.RandomSampler(seed=args.seed),
                                pruner=optuna.pruners.NopPruner(), meta=meta, force=args.force)
-    design_attrs = {"bench.epochs_scale": args.epochs_scale, "bench.max_epochs": args.max_epochs}
+    design_attrs = {StudyAttr.EPOCHS_SCALE: args.epochs_scale, StudyAttr.MAX_EPOCHS: args.max_epochs}
     for key, value in design_attrs.items():
         stored = study.user_attrs.get(key, value)
         if stored != value:
-            option = key.removeprefix("bench.").replace("_", "-")
+            option = key.removeprefix(StudyAttr.PREFIX).replace("_", "-")
             raise UsageError(f"study {args.study_name!r} was run with --{option} {stored}; use the same value or "
                              "another --study-name")
     if is_new:
-        study.set_user_attr("bench.design", "matrix")
+        study.set_user_attr(StudyAttr.DESIGN, "matrix")
     for key, value in design_attrs.items():
         study.set_user_attr(key, value)
-    study.set_user_attr("bench.budgets", sorted(set(study.user_attrs.get("bench.budgets", [])) | set(budgets)))
+    study.set_user_attr(StudyAttr.BUDGETS, sorted(set(study.user_attrs.get(StudyAttr.BUDGETS, [])) | set(budgets)))
     record_budget(study, splits)
     run_lock = RunLock(storage_url, args.study_name)
     alone = run_lock.try_acquire()  # alone on this file storage: RUNNING cells were left by a killed run
     try:
-        code = run_cells(study, cells, space, objective=Objective(
+        code = run_cells(study, cells, space, trainer=TrialTrainer(
             splits, space, TrialSettings(device=args.device, precision=args.precision, seed=args.seed,
                                          progress=not args.quiet, compile_model=args.compile,
                                          deterministic=args.deterministic),

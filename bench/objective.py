@@ -1,10 +1,16 @@
-"""The Optuna objective: suggest -> build model -> train (reporting each epoch) -> return the metric."""
+"""A trial's life between the runner and the training loop: suggest -> build the model -> train (reporting each epoch,
+so Optuna prunes) -> record what it measured and cost, and the state and value the runner tells Optuna.
+
+`TrialTrainer` is what an Optuna objective does, split at the seams a packed runner needs: `member` (suggest and build),
+`train` (any number of members at once), `conclude` (the outcome). bench.runner.run_packs drives it for every study,
+solo (a pack of one) or packed."""
 
 from __future__ import annotations
 
 import math
 import os
 import socket
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -13,43 +19,12 @@ import torch
 from optuna.trial import TrialState
 
 from bench.data import Splits
+from bench.hardware import is_out_of_memory, resolve_device
 from bench.models import build_seeded_model, count_parameters
+from bench.packed import shape_signature
+from bench.schema import Attr
 from bench.space import Param, TrainConfig, config_from_params, suggest
-from bench.train import Diverged, FitResult, Member, PackLog, Refill, fit_pack, is_out_of_memory, resolve_device
-
-
-class DataAttr:
-    """Study attributes naming the data a study trained on (bench.run.record_budget writes them; claims are checked
-    against them in bench.analysis)."""
-
-    CLASSES = "bench.data_classes"
-    CHANNELS = "bench.data_channels"
-    IMAGE_SIZE = "bench.data_image_size"
-    TRAIN_IMAGES = "bench.data_train_images"  # the whole train split, before the validation split or a subset
-
-
-class Attr:
-    """User-attribute keys every trial carries (the report reads the same names)."""
-
-    VAL_CURVE = "val_acc_curve"
-    LOSS_CURVE = "train_loss_curve"
-    VAL_ACC = "val_acc"
-    TEST_ACC = "test_acc"
-    EPOCHS_RUN = "epochs_run"
-    TRAIN_SECONDS = "train_seconds"
-    IMAGES_PER_SEC = "images_per_sec"
-    PARAM_COUNT = "param_count"
-    DEVICE = "device"
-    SEED = "seed"
-    STOP_REASON = "stop_reason"
-    FAIL_REASON = "fail_reason"
-    CELL = "cell"  # designed-experiment cell (bench.matrix)
-    WORKER = "worker"  # host:pid of the process that ran the trial
-    PACK_SIZE = "pack_size"  # the slots of this trial's pack (1: alone); its share of the pack's time is 1 / pack_size
-    PACK_SLOT = "pack_slot"  # this trial's place in its pack
-    KEPT_EPOCH = "kept_epoch"  # the epoch whose weights were kept (early stopping restores the best)
-    TRAIN_IMAGES = "train_images"  # the budget: images per epoch
-    NUM_CLASSES = "num_classes"  # chance accuracy is 1 / num_classes
+from bench.train import Diverged, FitResult, Member, PackLog, Refill, fit_pack
 
 
 @dataclass(frozen=True)
@@ -61,12 +36,15 @@ class TrialSettings:
     progress: bool = True
     compile_model: bool = False
     deterministic: bool = False
+    test_each_epoch: bool = False  # test accuracy after every epoch, and per-epoch seconds (bench.record's tables)
 
 
 ModelSink = Callable[[optuna.Trial, torch.nn.Module, TrainConfig, float], None]
 
 
-class Objective:
+class TrialTrainer:
+    """Turns asked trials into trained members and their outcomes (bench.runner drives it)."""
+
     def __init__(self, splits: Splits, space: tuple[Param, ...], settings: TrialSettings,
                  on_model: ModelSink | None = None):
         self.splits = splits
@@ -75,33 +53,10 @@ class Objective:
         self.on_model = on_model
         self.device = resolve_device(settings.device)
 
-    def __call__(self, trial: optuna.Trial) -> float:
-        """The solo trial (study.optimize): a pack of one."""
-        member: Member | None = None
-        try:
-            member = self.member(trial)
-            self.train([member])
-        except torch.OutOfMemoryError as exc:
-            self.out_of_memory([member], f"out of memory: {str(exc).splitlines()[0]}")
-            self.conclude(trial, member)
-            raise
-        except KeyboardInterrupt:  # wherever it lands (preparing, training, recording): the trial says so
-            if member is not None and isinstance(member.error, _Interrupted):
-                self.conclude(trial, member)  # with what it measured and cost so far
-            else:
-                record_interrupted(trial)
-            raise
-        state, value = self.conclude(trial, member)
-        if state == TrialState.COMPLETE:
-            return value
-        if state == TrialState.PRUNED:
-            raise optuna.TrialPruned(str(member.error)) from None
-        raise member.error  # type: ignore[misc]
-
-    def member(self, trial: optuna.Trial) -> Member:
-        """Suggest, then build the model exactly as a solo trial with this seed would (so packing changes nothing)."""
-        params = suggest(trial, self.space, grid_only=self.settings.grid_only)
-        cfg = config_from_params(params)
+    def member(self, trial: optuna.Trial, asked_seconds: float = 0.0) -> Member:
+        """Suggest, then build the model exactly as a solo trial with this seed would (so packing changes nothing).
+        `asked_seconds`: what study.ask took; with the suggestions' time it is the trial's sampler cost."""
+        cfg = self.suggest_config(trial, asked_seconds)
         seed = int(trial.user_attrs.get(Attr.SEED, self.settings.seed + trial.number))
         ds = self.splits.dataset
         model = self.build_model(cfg, seed)
@@ -109,7 +64,14 @@ class Objective:
                            (Attr.DEVICE, str(self.device)), (Attr.WORKER, f"{socket.gethostname()}:{os.getpid()}"),
                            (Attr.TRAIN_IMAGES, len(self.splits.train)), (Attr.NUM_CLASSES, len(ds.classes))):
             trial.set_user_attr(key, value)
-        return self.attach_reporting(trial, Member(model, cfg, seed))
+        return self.attach_reporting(trial, Member(model, cfg, seed, test_each_epoch=self.settings.test_each_epoch))
+
+    def suggest_config(self, trial: optuna.Trial, asked_seconds: float = 0.0) -> TrainConfig:
+        """The trial's config from the space, its sampler cost recorded (bench.compare charges it as wall time)."""
+        started = time.perf_counter()
+        params = suggest(trial, self.space, grid_only=self.settings.grid_only)
+        trial.set_user_attr(Attr.SAMPLER_SECONDS, round(asked_seconds + time.perf_counter() - started, 6))
+        return config_from_params(params)
 
     @staticmethod
     def attach_reporting(trial: optuna.Trial, member: Member) -> Member:
@@ -219,10 +181,76 @@ class Objective:
         }
         if math.isfinite(result.test_acc):
             attrs[Attr.TEST_ACC] = result.test_acc
+        if result.test_curve:  # a recording's trial (TrialSettings.test_each_epoch); others keep the final test only
+            attrs[Attr.TEST_CURVE] = list(result.test_curve)
+        if result.epoch_seconds:
+            attrs[Attr.EPOCH_SECONDS] = [round(s, 4) for s in result.epoch_seconds]
         if fail_reason is not None:
             attrs[Attr.FAIL_REASON] = fail_reason
         for key, value in attrs.items():
             trial.set_user_attr(key, value)
+
+
+class AnsweringTrainer(TrialTrainer):
+    """A trainer whose members are answered epoch by epoch instead of trained (bench.simulate's landscape,
+    bench.replay's recorded table). Suggesting, reporting, pruning and concluding stay the trainer's own, and `train`
+    keeps bench.train.fit_pack's schedule: a member leaves the moment it is pruned, diverges or finishes, and free
+    slots are refilled at epoch boundaries, so the runner sees exactly what a real pack would show it."""
+
+    train_images = 0  # images of one answered epoch (images per second are derived from it; 0: not known)
+
+    def answer(self, member: Member, epoch: int) -> tuple[float, float, float]:
+        """The member's `epoch`: (train loss, validation accuracy, seconds); a non-finite loss means it diverged."""
+        raise NotImplementedError
+
+    def final_test_accuracy(self, member: Member, epoch: int) -> float:
+        raise NotImplementedError
+
+    def rebuild(self, member: Member) -> None:
+        member.result.__init__()  # type: ignore[misc]
+        member.error = None
+
+    def train(self, members: list[Member], *, capacity: int | None = None, refill: Refill | None = None,
+              on_leave: Callable[[Member], None] | None = None) -> PackLog:
+        active = list(members)
+        capacity = max(capacity or len(active), len(active))
+        log = PackLog(capacity)
+        while active:
+            shapes = {shape_signature(m.cfg) for m in active}
+            log.members.append(len(active))
+            log.launches.append(len(shapes))
+            log.signatures |= shapes
+            leaving = []
+            for m in active:
+                r, epoch = m.result, m.result.epochs_run + 1
+                loss, val, seconds = self.answer(m, epoch)
+                if not (math.isfinite(loss) and math.isfinite(val)):
+                    m.error = Diverged(f"loss became {loss} in epoch {epoch}")
+                    leaving.append(m)
+                    continue
+                r.train_loss.append(loss)
+                r.val_acc.append(val)
+                r.epochs_run = r.kept_epoch = epoch
+                r.train_seconds += seconds  # a pruned epoch ran before the pruner saw it: it is charged
+                r.epoch_seconds.append(seconds)
+                r.images_per_sec = self.train_images * epoch / r.train_seconds if r.train_seconds > 0 else 0.0
+                try:
+                    if m.on_epoch is not None:
+                        m.on_epoch(epoch, loss, val)
+                except Exception as exc:  # pruned: leaves, as in the loop
+                    m.error = exc
+                    leaving.append(m)
+                    continue
+                if epoch >= m.cfg.epochs:
+                    r.test_acc = self.final_test_accuracy(m, epoch)
+                    leaving.append(m)
+            for m in leaving:
+                active.remove(m)
+                if on_leave is not None:
+                    on_leave(m)
+            if refill is not None and capacity > len(active):
+                active += list(refill(capacity - len(active)))
+        return log
 
 
 class _CallerError(Exception):
@@ -241,14 +269,9 @@ class _OutOfMemory(Exception):
     """The device ran out of memory even for a pack of one."""
 
 
-def finished(member: Member) -> bool:
+def has_outcome(member: Member) -> bool:
     """The member left the pack with its outcome (completed, or stopped by its own callback or divergence)."""
     return member.error is not None or math.isfinite(member.result.test_acc)
-
-
-def record_interrupted(trial: optuna.Trial) -> None:
-    trial.set_user_attr(Attr.STOP_REASON, "failed")
-    trial.set_user_attr(Attr.FAIL_REASON, "interrupted")
 
 
 def mark_interrupted(members: list[Member]) -> None:
@@ -258,5 +281,5 @@ def mark_interrupted(members: list[Member]) -> None:
 def _fail_unfinished(members: list[Member], error: Exception) -> None:
     """Members that left with an outcome keep it; every other one ends with `error`."""
     for member in members:
-        if not finished(member):
+        if not has_outcome(member):
             member.error = error

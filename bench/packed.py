@@ -21,14 +21,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from bench.models import ConvNet, ResidualBlock, feature_dropout, head_dropout
-from bench.space import TrainConfig
-
-# The fields that change tensor shapes or the graph: only trials that agree on all of them share a pack.
-# Dropout is not one: every packed head has its dropout layers, with p = 0 for members without dropout.
-SHAPE_FIELDS: tuple[str, ...] = ("batch_size", "conv_layout", "extra_blocks", "width", "batch_norm", "residual", "hidden_units")
+from bench.space import SHAPE_FIELDS, TrainConfig
 
 
 def shape_signature(cfg: TrainConfig) -> tuple:
+    """The values of the shape fields bench.space declares: only trials that agree on all of them share a pack."""
     return tuple(getattr(cfg, name) for name in SHAPE_FIELDS)
 
 
@@ -264,7 +261,7 @@ def compact(packed: PackedConvNet, keep: Sequence[int]) -> dict[nn.Parameter, nn
 def grow(packed: PackedConvNet, joining: PackedConvNet) -> dict[nn.Parameter, nn.Parameter]:
     """Append the members of `joining` (a pack of the same shape signature, on the same device) after the members of
     `packed`: compaction's inverse, so a slot freed in a pack is refilled without rebuilding it. Returns old -> new
-    parameters for the optimizer (bench.packed_optim.PackedOptimizer.grow)."""
+    parameters for the optimizer (bench.optimizers.PackedOptimizer.grow)."""
     swapped = {}
     for module, other in zip(packed.modules(), joining.modules(), strict=True):
         if type(module) is not type(other):

@@ -16,8 +16,7 @@ from PIL import Image, UnidentifiedImageError
 
 from bench.checkpoint import CHECKPOINT_NAME, ModelMeta, artifact_dir, load_checkpoint, model_path_for, open_store
 from bench.errors import UsageError, run_cli
-from bench.report import load_existing_study
-from bench.study import default_storage
+from bench.storage import default_storage, load_existing_study
 
 
 def preprocess(path: Path, meta: ModelMeta) -> torch.Tensor:

@@ -41,11 +41,13 @@ from bench.analysis import (  # noqa: E402
     pareto_front_rows,
     trials_frame,
 )
-from bench.errors import UsageError, redact, run_cli  # noqa: E402
-from bench.locks import storage_file  # noqa: E402
+from bench.compare_report import open_compare_storage, write_compare_report  # noqa: E402
+from bench.comparison import agreement, analyse  # noqa: E402
+from bench.errors import run_cli  # noqa: E402
+from bench.schema import StudyAttr  # noqa: E402
 from bench.space import BASELINE, BUDGET_TIERS, FACTORS, build_space  # noqa: E402
 from bench.stats import MIN_PAIRS, NOISY_HALF_WIDTH_POINTS, binomial_half_width, mean_interval  # noqa: E402
-from bench.study import default_storage, open_storage  # noqa: E402
+from bench.storage import load_existing_study  # noqa: E402
 
 NOTHING = "nothing to show yet"
 DEFAULT_PARALLEL = [p.name for p in build_space() if p.when is None][:3]  # without importances: the first knobs
@@ -294,8 +296,9 @@ def matrix_display(matrix: pd.DataFrame) -> pd.DataFrame:
     }
     if designed:
         columns["resolves +-"] = [DASH if _missing(h) else f"{h:.1f}" for h in matrix["half_width"].astype(float)]
-        columns["budget run"] = [_budget_text(*r) for r in zip(matrix["epochs"].astype(float), matrix["reference_epochs"].astype(float),
-                                                                matrix["train_images"].astype(float), strict=True)]
+        runs = zip(matrix["budget_epochs"].astype(float), matrix["reference_epochs"].astype(float),
+                   matrix["train_images"].astype(float), strict=True)
+        columns["budget run"] = [_budget_text(*r) for r in runs]
     columns["claim (assignment)"] = claim
     columns["claim budget"] = [DASH if _missing(e) else _budget_text(e, r, i) + f" ({src})" for e, r, i, src in zip(
         matrix["claim_epochs"].astype(float), matrix["claim_reference_epochs"].astype(float),
@@ -337,15 +340,15 @@ def markdown_tables(matrix: pd.DataFrame, cumulative: pd.DataFrame | None = None
 def budget_text(attrs: dict) -> str:
     """The study's real budget: images per split, epoch cap, and a matrix's epoch scale."""
     parts = []
-    if "bench.train_images" in attrs:
-        parts.append(f"{attrs['bench.train_images']:,} train images"
-                     + (f" (--train-subset {attrs['bench.train_subset']})" if attrs.get("bench.train_subset") else ""))
-    if "bench.val_images" in attrs:
-        parts.append(f"{attrs['bench.val_images']:,} validation images" + (" (the test set)" if attrs.get("bench.val_is_test") else ""))
-    if "bench.epochs_scale" in attrs:
-        parts.append(f"epochs scaled by {attrs['bench.epochs_scale']}")
-    if "bench.max_epochs" in attrs:
-        parts.append(f"epoch cap {attrs['bench.max_epochs']}")
+    if StudyAttr.TRAIN_IMAGES in attrs:
+        parts.append(f"{attrs[StudyAttr.TRAIN_IMAGES]:,} train images"
+                     + (f" (--train-subset {attrs[StudyAttr.TRAIN_SUBSET]})" if attrs.get(StudyAttr.TRAIN_SUBSET) else ""))
+    if StudyAttr.VAL_IMAGES in attrs:
+        parts.append(f"{attrs[StudyAttr.VAL_IMAGES]:,} validation images" + (" (the test set)" if attrs.get(StudyAttr.VAL_IS_TEST) else ""))
+    if StudyAttr.EPOCHS_SCALE in attrs:
+        parts.append(f"epochs scaled by {attrs[StudyAttr.EPOCHS_SCALE]}")
+    if StudyAttr.MAX_EPOCHS in attrs:
+        parts.append(f"epoch cap {attrs[StudyAttr.MAX_EPOCHS]}")
     return ", ".join(parts) or "not recorded (study made by an older bench)"
 
 
@@ -355,16 +358,16 @@ def summary_items(study: optuna.Study, trials: pd.DataFrame, cells: dict[str, Ce
     done = _done(trials)
     items = [
         ("study", study.study_name),
-        ("dataset", str(attrs.get("bench.dataset", "unknown"))),
+        ("dataset", str(attrs.get(StudyAttr.DATASET, "unknown"))),
         ("device", ", ".join(sorted(set(trials["device"].dropna().astype(str)))) or DASH),
         ("trials by state", ", ".join(f"{k} {v}" for k, v in sorted(states.items())) or "none"),
         ("total train time", f"{trials['train_seconds'].fillna(0).sum() / 60:.1f} min (all trials, pruned and failed included)"),
         ("budget", budget_text(attrs)),
     ]
-    if attrs.get("bench.val_is_test") or attrs.get("bench.val_split") == 0:
+    if attrs.get(StudyAttr.VAL_IS_TEST) or attrs.get(StudyAttr.VAL_SPLIT) == 0:
         items.append(("warning", "selection used the test set (--val-split 0): the best trial, pruning and early stopping "
                                  "saw the test accuracy, so it is optimistic; use --val-split 0.1 for an honest test number"))
-    val_images = attrs.get("bench.val_images")
+    val_images = attrs.get(StudyAttr.VAL_IMAGES)
     if val_images and (half := binomial_half_width(int(val_images)) * 100) > NOISY_HALF_WIDTH_POINTS:
         items.append(("validation noise", f"one accuracy on {val_images} validation images is +-{half:.1f} points (95%, "
                                           "binomial): trials closer than that are not ranked; use a larger --val-split "
@@ -402,6 +405,9 @@ def render_html(study: optuna.Study, trials: pd.DataFrame, matrix: pd.DataFrame,
     esc = html.escape
     parts = [f"<!doctype html><html><head><meta charset='utf-8'><title>bench report: {esc(study.study_name)}</title>"
              f"<style>{CSS}</style></head><body><h1>bench report: {esc(study.study_name)}</h1>"]
+    if replay := study.user_attrs.get(StudyAttr.REPLAY):  # no trial here trained: every number was read from a table
+        parts.append(f"<p class='banner'><b>replayed from a recorded table: {esc(str(replay))}</b>. Every trial was "
+                     "answered from the table's recorded runs (bench.record), not trained.</p>")
     parts.append("<h2>Summary</h2><table class='summary'>" + "".join(f"<tr><th>{esc(k)}</th><td>{esc(v)}</td></tr>"
                                                      for k, v in summary_items(study, trials, cells)) + "</table>")
     parts.append("<h2>Improvement matrix</h2>")
@@ -442,7 +448,7 @@ def render_html(study: optuna.Study, trials: pd.DataFrame, matrix: pd.DataFrame,
                 cumulative["mean_acc"], cumulative["acc_low"], cumulative["acc_high"], cumulative["n"], strict=True)],
             "change from the step before, points [95% paired CI]": [ci_text(m, lo, hi, _count(n), signed=True) for m, lo, hi, n in zip(
                 cumulative["step_diff"], cumulative["step_low"], cumulative["step_high"], cumulative["n_pairs"], strict=True)]})
-        parts.append("<h2>Cumulative path</h2>" + _table(shown[["step", "cell", "n", "n_diverged", "epochs", "test acc % [95% CI]",
+        parts.append("<h2>Cumulative path</h2>" + _table(shown[["step", "cell", "n", "n_diverged", "budget_epochs", "test acc % [95% CI]",
                                                               "change from the step before, points [95% paired CI]"]]))
     parts.append("<h2>Plots</h2>")
     if not plots:
@@ -488,7 +494,7 @@ def write_report(study: optuna.Study, out: Path, *, fmt: str = "html") -> list[P
     out.mkdir(parents=True, exist_ok=True)
     trials = trials_frame(study)
     cells = designed_cells(trials)  # once: the matrix, the cumulative path and the summary all read it
-    budgets = tuple(sorted(study.user_attrs.get("bench.budgets") or BUDGET_TIERS))  # the tiers the study was run at
+    budgets = tuple(sorted(study.user_attrs.get(StudyAttr.BUDGETS) or BUDGET_TIERS))  # the tiers the study was run at
     matrix = matrix_frame(trials, cells=cells, data_attrs=study.user_attrs, budgets=budgets)
     written = [out / "trials.csv", out / "matrix.csv"]
     csv_frame(trials).to_csv(written[0], index=False)
@@ -525,7 +531,13 @@ def write_markdown(out: Path) -> Path:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m bench.report", description=__doc__)
-    parser.add_argument("--study", required=True, help="study name")
+    which = parser.add_mutually_exclusive_group(required=True)
+    which.add_argument("--study", help="study name")
+    parser.add_argument("--against", metavar="NAME", help="with --compare: a replay of the same arms (in the same storage) to "
+                        "check against: each arm's final median within the other's band, Kendall's tau of the ranks")
+    which.add_argument("--compare", metavar="NAME", help="a comparison of searches (bench.compare) instead of a study: "
+                       "anytime curves, ranks and paired tests per arm (default --storage sqlite:///studies/compare-NAME.db, "
+                       "--out reports/compare-NAME; --format does not apply: the page and its CSVs are written)")
     parser.add_argument("--storage", default=None, help="SQLAlchemy URL (default: sqlite:///studies/<study>.db)")
     parser.add_argument("--out", default=None, help="output directory (default: reports/<study>)")
     parser.add_argument("--format", choices=("html", "csv", "markdown"), default="html",
@@ -534,23 +546,25 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def load_existing_study(name: str, storage_url: str | None) -> tuple[optuna.Study, optuna.storages.BaseStorage]:
-    url = storage_url or default_storage(name)
-    path = storage_file(url)
-    if path is not None and not path.exists():
-        raise UsageError(f"no study database at {path}; run `python -m bench.run --study-name {name}` first or pass --storage")
-    storage = open_storage(url, heartbeat=False)
-    try:
-        return optuna.load_study(study_name=name, storage=storage), storage
-    except KeyError:
-        names = ", ".join(s.study_name for s in optuna.get_all_study_summaries(storage, include_best_trial=False))
-        raise UsageError(f"study {name!r} not found in {redact(url)} (it holds: {names or 'no studies'}); check --study") from None
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     started = time.perf_counter()
+    if args.compare:
+        out = Path(args.out) if args.out else Path("reports") / re.sub(r"[^\w.-]", "_", f"compare-{args.compare}")
+        storage = open_compare_storage(args.compare, args.storage)
+        written = write_compare_report(storage, args.compare, out)
+        print(f"wrote {len(written)} files to {out} in {time.perf_counter() - started:.1f}s: open {out / 'index.html'}")
+        if args.against:
+            table, tau = agreement(analyse(storage, args.compare), analyse(storage, args.against))
+            table.to_csv(out / "agreement.csv", index=False)
+            print(f"{args.compare} (live) against {args.against} (replay), final budget: median val acc [95% band], mean rank")
+            for r in table.itertuples(index=False):
+                print(f"  {r.arm:<18} live {r.val_median_live:.4f} [{r.val_low_live:.4f}, {r.val_high_live:.4f}] rank "
+                      f"{r.mean_rank_live:.2f} | replay {r.val_median_replay:.4f} [{r.val_low_replay:.4f}, "
+                      f"{r.val_high_replay:.4f}] rank {r.mean_rank_replay:.2f} | bands overlap: {'yes' if r.bands_overlap else 'NO'}")
+            print(f"Kendall's tau between the arms' mean ranks: {tau:.2f} ({len(table)} arms)")
+        return 0
     study, _ = load_existing_study(args.study, args.storage)
     out = Path(args.out) if args.out else Path("reports") / re.sub(r"[^\w.-]", "_", args.study)
     written = write_report(study, out, fmt=args.format)

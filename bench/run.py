@@ -12,124 +12,34 @@ from pathlib import Path
 
 import optuna
 import torch
-from optuna.trial import FrozenTrial, TrialState
 
 from bench.checkpoint import KEEP_POLICIES, CheckpointSink, artifact_dir, open_store
-from bench.data import DATASETS, Dataset, Splits, load_dataset, make_splits
-from bench.errors import UsageError, redact, run_cli
-from bench.locks import RunLock, TrialGate
-from bench.objective import Attr, DataAttr, Objective, TrialSettings
-from bench.space import PRESETS, Param, build_space, params_for_config, preset_config
-from bench.stats import NOISY_HALF_WIDTH_POINTS, binomial_half_width
-from bench.study import (
-    PRUNERS,
-    SAMPLERS,
-    FailureGuard,
-    StudyMeta,
-    count_finished,
-    create_pruner,
-    create_sampler,
-    default_storage,
-    fail_orphans,
-    open_storage,
-    open_study,
-    run_packs,
-    space_signature,
+from bench.cli import (
+    AUTO_PACK_CUDA,
+    INTERRUPTED_EXIT,
+    add_data_args,
+    add_study_args,
+    load_data_args,
+    pack_size,
+    positive_int,
+    print_summary,
+    raise_interrupt,
+    record_budget,
+    resolve_pack,
+    study_meta,
+    trial_line,
+    val_noise_note,
 )
-from bench.train import PRECISIONS, resolve_device
-
-INTERRUPTED_EXIT = 130
-# --pack auto on CUDA. The issue's H100 prototype of this packing trained 39k member-images/s at K=1, 250k at 8,
-# 474k at 32 and 498k at 64: 32 is within 5% of the best and fills its packs from fewer trials. On CPU packing
-# is no faster (bench.perf --pack 1,4 on the 2-core EPYC: see the README), so auto is 1 there.
-AUTO_PACK_CUDA = 32
-
-
-def pack_size(text: str) -> int | str:
-    if text == "auto":
-        return text
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"must be a whole number or auto, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be 1 or more, got {value}")
-    return value
-
-
-def resolve_pack(pack: int | str, device: torch.device) -> int:
-    return (AUTO_PACK_CUDA if device.type == "cuda" else 1) if pack == "auto" else int(pack)
-
-
-def positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be 1 or more, got {value}")
-    return value
-
-
-def add_data_args(parser: argparse.ArgumentParser) -> None:
-    """Options shared by every command that trains (run, matrix, perf)."""
-    g = parser.add_argument_group("data")
-    g.add_argument("--dataset", default="cifar10",
-                   help=f"{' | '.join(DATASETS)} (torchvision, downloaded into --data-dir) or the path of an "
-                        "ImageFolder tree with train/ and test/ (or val/) (default: cifar10)")
-    g.add_argument("--data-dir", default="data", help="where torchvision datasets live (default: ./data)")
-    g.add_argument("--cache-dir", default=None, help="decoded-tensor cache for folder datasets (default: ~/.cache/bench)")
-    g.add_argument("--image-size", type=positive_int, default=32, help="side images are resized to when sizes are mixed (default: 32)")
-    g.add_argument("--val-split", type=float, default=0.1,
-                   help="fraction of train carved out (seeded, stratified) for validation; 0 = use the test set, "
-                        "as the assignment does (default: 0.1)")
-    g.add_argument("--train-subset", type=positive_int, default=None, help="train on N seeded train images (fast CPU runs)")
-    g = parser.add_argument_group("hardware")
-    g.add_argument("--device", default="auto", help="auto (CUDA when available, else CPU), cpu, cuda, cuda:1 ... (default: auto)")
-    g.add_argument("--precision", choices=PRECISIONS, default="auto",
-                   help="autocast dtype; auto = bf16 on CUDA and on CPUs with bf16 support, else fp32 (default: auto)")
-    g.add_argument("--seed", type=int, default=0, help="seed for splits, sampler and trial seeds (default: 0)")
-    g.add_argument("--compile", action="store_true", help="torch.compile each model (compiled once per trial; off by default)")
-    g.add_argument("--deterministic", action="store_true",
-                   help="deterministic CUDA algorithms: two runs of one seed agree exactly (CPU runs always do); "
-                        "bench.perf --deterministic prints what it costs")
-
-
-def load_data_args(args: argparse.Namespace) -> tuple[Dataset, Splits]:
-    """The dataset and its seeded splits, as the shared data options (add_data_args) describe them."""
-    dataset = load_dataset(args.dataset, args.data_dir, image_size=args.image_size, cache_dir=args.cache_dir)
-    return dataset, make_splits(dataset, val_split=args.val_split, train_subset=args.train_subset, seed=args.seed)
-
-
-def val_noise_note(splits: Splits) -> str:
-    """A warning when one accuracy on the validation split is too noisy to compare trials by ('' otherwise)."""
-    n = len(splits.val)
-    half = binomial_half_width(n) * 100
-    if half <= NOISY_HALF_WIDTH_POINTS:
-        return ""
-    return (f"note: one accuracy on the {n} validation images is +-{half:.1f} points (95%, binomial), so the best trial "
-            "is picked on noise; use a larger --val-split, or bench.matrix (seeded repeats) to compare settings")
-
-
-def record_budget(study: optuna.Study, splits: Splits) -> None:
-    """The study's real budget and what its data is, for the report: images per split, whether validation used the
-    test set, and the data's classes, image shape and full train size (claims are checked against these)."""
-    ds = splits.dataset
-    for key, value in (("bench.train_images", len(splits.train)), ("bench.val_images", len(splits.val)),
-                       ("bench.val_is_test", splits.val_is_test), (DataAttr.CLASSES, list(ds.classes)),
-                       (DataAttr.CHANNELS, ds.channels), (DataAttr.IMAGE_SIZE, list(ds.image_size)),
-                       (DataAttr.TRAIN_IMAGES, len(ds.train))):
-        study.set_user_attr(key, value)
-
-
-def study_meta(args: argparse.Namespace, dataset: Dataset, space: tuple[Param, ...]) -> StudyMeta:
-    """What a study must keep across runs: refused on mismatch unless --force."""
-    return StudyMeta(dataset.source, space_signature(space), args.image_size, args.val_split, args.train_subset)
-
-
-def add_study_args(parser: argparse.ArgumentParser) -> None:
-    g = parser.add_argument_group("study")
-    g.add_argument("--study-name", default="bench", help="study to create or resume (default: bench)")
-    g.add_argument("--storage", default=None,
-                   help="any SQLAlchemy URL (postgresql://user:pass@host/db for many machines) or journal:///PATH "
-                        "(default: sqlite:///studies/<study-name>.db)")
+from bench.errors import UsageError, redact, run_cli
+from bench.hardware import resolve_device
+from bench.locks import RunLock, TrialGate
+from bench.objective import TrialSettings, TrialTrainer
+from bench.replay import ReplayTrainer, load_table
+from bench.runner import FailureGuard, run_packs
+from bench.samplers import PRUNERS, SAMPLERS, create_pruner, create_sampler
+from bench.schema import Attr, StudyAttr
+from bench.space import PRESETS, build_space, params_for_config, preset_config
+from bench.storage import count_finished, default_storage, fail_orphans, open_storage, open_study
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -150,6 +60,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "(default: best)")
     g.add_argument("--artifacts", default=None, help="artifact directory (default: studies/<study-name>-artifacts)")
     g.add_argument("--quiet", action="store_true", help="no per-epoch progress bars")
+    g.add_argument("--replay", default=None, metavar="TABLE",
+                   help="answer trials from a recorded table (bench.record) instead of training: no data is loaded, "
+                        "the space and the epochs are the table's (--max-epochs does not apply)")
     g.add_argument("--pack", type=pack_size, default="auto",
                    help=f"trials trained at once, one packed network per shape signature: K, or auto ({AUTO_PACK_CUDA} "
                         "on CUDA, 1 on CPU) (default: auto)")
@@ -170,18 +83,6 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def trial_line(trial: FrozenTrial) -> str:
-    a = trial.user_attrs
-    acc = lambda key: f"{a[key]:.4f}" if isinstance(a.get(key), float) else "-"  # noqa: E731
-    reason = a.get(Attr.STOP_REASON, trial.state.name.lower())
-    line = (f"trial {trial.number:>3} {trial.state.name:<8} val={acc(Attr.VAL_ACC)} test={acc(Attr.TEST_ACC)} "
-            f"epochs={a.get(Attr.EPOCHS_RUN, '-')} {a.get(Attr.TRAIN_SECONDS, 0):.1f}s "
-            f"{a.get(Attr.IMAGES_PER_SEC, 0):.0f} img/s stop={reason}")
-    if trial.state == TrialState.FAIL:
-        line += f" ({a.get(Attr.FAIL_REASON, 'see log')})"
-    return line
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
@@ -191,7 +92,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         raise UsageError(f"--trials must be 1 or more, got {args.trials}")
     if args.workers < 1:
         raise UsageError(f"--workers must be 1 or more, got {args.workers}")
-    for device in (args.devices or args.device).split(","):
+    table = load_table(Path(args.replay)) if args.replay else None
+    if table is not None and args.workers > 1:
+        raise UsageError("--replay answers a trial in milliseconds: run it with one worker (drop --workers)")
+    for device in [] if table is not None else (args.devices or args.device).split(","):
         if resolve_pack(args.pack, resolve_device(device)) > 1 and args.precision == "fp16":
             raise UsageError("--precision fp16 cannot train a pack (one loss scale for all members couples them); "
                              "use --precision bf16 or fp32, or --pack 1")
@@ -199,10 +103,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     storage_url = args.storage or default_storage(args.study_name, args.workers)
-    dataset, splits = load_data_args(args)
+    replay = None if table is None else f"{args.replay} ({table.fingerprint})"
+    if table is None:
+        dataset, splits = load_data_args(args)
+        space, max_epochs = build_space(args.max_epochs), args.max_epochs
+        meta = study_meta(args, dataset, space)
+    else:  # the table's space (its fixed knobs left out) and epochs; its data's identity, never its images
+        space, max_epochs, meta = table.space, table.epochs, table.study_meta()
     storage = open_storage(storage_url, heartbeat_seconds=args.heartbeat)
-    space = build_space(args.max_epochs)
-    meta = study_meta(args, dataset, space)
     existing_trials = 0
     try:
         existing_trials = len(optuna.load_study(study_name=args.study_name, storage=storage).trials)
@@ -212,45 +120,56 @@ def main(argv: Sequence[str] | None = None) -> int:
     # draws never repeat earlier parameters.
     sampler = create_sampler(args.sampler, args.seed + existing_trials + 1000 * (args.worker_id or 0), space)
     study, is_new = open_study(args.study_name, storage, sampler=sampler,
-                               pruner=create_pruner(args.pruner, args.max_epochs), meta=meta, force=args.force)
+                               pruner=create_pruner(args.pruner, max_epochs), meta=meta, force=args.force)
     run_lock = RunLock(storage_url, args.study_name)
     if args.worker_id is None:  # the coordinating process
         if run_lock.try_acquire():  # nobody else runs this file storage: RUNNING trials are orphans
             fail_orphans(study, "found running at start")
         finished = count_finished(study)
         to_add = max(0, args.trials - finished)
-        print(f"study {args.study_name!r} ({redact(storage_url)}): {finished} finished trials; adding {to_add} "
-              f"to reach {args.trials}. data: {dataset.name} train={len(splits.train)} val={len(splits.val)}"
-              f"{' (test set)' if splits.val_is_test else ''} test={len(splits.test)} {dataset.channels}x"
-              f"{dataset.image_size[0]}x{dataset.image_size[1]}", flush=True)
-        if note := val_noise_note(splits):
-            print(note, flush=True)
-        if splits.val_is_test:
-            print("note: --val-split 0 selects, prunes and early-stops on the test set, so its test accuracy is "
-                  "optimistic; the report says so", flush=True)
-        record_budget(study, splits)
-        study.set_user_attr("bench.max_epochs", args.max_epochs)
+        head = f"study {args.study_name!r} ({redact(storage_url)}): {finished} finished trials; adding {to_add} to reach {args.trials}. "
+        if table is not None:
+            print(head + f"replayed from {replay}: {table.describe()}, {table.train_images} train images "
+                  f"(nothing trains)", flush=True)
+            for key, value in table.budget_attrs().items():
+                study.set_user_attr(key, value)
+            study.set_user_attr(StudyAttr.REPLAY, replay)
+        else:
+            print(head + f"data: {dataset.name} train={len(splits.train)} val={len(splits.val)}"
+                  f"{' (test set)' if splits.val_is_test else ''} test={len(splits.test)} {dataset.channels}x"
+                  f"{dataset.image_size[0]}x{dataset.image_size[1]}", flush=True)
+            if note := val_noise_note(splits):
+                print(note, flush=True)
+            if splits.val_is_test:
+                print("note: --val-split 0 selects, prunes and early-stops on the test set, so its test accuracy is "
+                      "optimistic; the report says so", flush=True)
+            record_budget(study, splits)
+        study.set_user_attr(StudyAttr.MAX_EPOCHS, max_epochs)
         if to_add == 0:
             return 0
         if is_new and not args.no_baseline:
-            study.enqueue_trial(params_for_config(preset_config(args.preset, args.max_epochs), space))
+            study.enqueue_trial(params_for_config(preset_config(args.preset, max_epochs), space))
         if args.workers > 1:
             return spawn_workers(argv, args, storage_url, study)
     settings = TrialSettings(device=args.device, precision=args.precision, seed=args.seed,
                              grid_only=args.sampler == "grid", progress=not args.quiet, compile_model=args.compile,
                              deterministic=args.deterministic)
-    store = open_store(Path(args.artifacts) if args.artifacts else artifact_dir(storage_url, args.study_name))
-    objective = Objective(splits, space, settings, on_model=CheckpointSink(store, storage, args.keep_models, dataset))
+    trainer: TrialTrainer
+    if table is not None:  # the --seed picks the recorded seed of each config too (bench.replay.seed_column)
+        trainer = ReplayTrainer(table, space, repeat=args.seed, seed=args.seed, grid_only=settings.grid_only)
+    else:
+        store = open_store(Path(args.artifacts) if args.artifacts else artifact_dir(storage_url, args.study_name))
+        trainer = TrialTrainer(splits, space, settings, on_model=CheckpointSink(store, storage, args.keep_models, dataset))
     guard = FailureGuard()
     prefix = "" if args.worker_id is None else f"[worker {args.worker_id}] "
     signal.signal(signal.SIGTERM, raise_interrupt)
-    pack = resolve_pack(args.pack, objective.device)
+    pack = resolve_pack(args.pack, trainer.device)
     callbacks = [guard, lambda s, t: print(prefix + trial_line(t), flush=True)]
     gate = TrialGate(storage_url, args.study_name)
     try:
         if pack > 1:
             print(f"{prefix}training up to {pack} trials at once in packs (one packed network per shape)", flush=True)
-        stats = run_packs(study, objective, args.trials, pack=pack, gate=gate, timeout=args.timeout,
+        stats = run_packs(study, trainer, args.trials, pack=pack, gate=gate, timeout=args.timeout,
                           callbacks=callbacks, guard=guard, per_shape=args.pack_per_shape,
                           say=lambda line: print(prefix + line, flush=True))
     except KeyboardInterrupt:
@@ -263,15 +182,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"{prefix}{stats.summary()} (packs of up to {pack})", flush=True)
     if args.worker_id is None:
         print_summary(study)
+        if replay is not None:
+            print(f"replayed from {replay}: every trial was answered from the recorded table, nothing trained")
     if guard.tripped:
         print(f"error: {prefix}{guard.limit} trials in a row failed; the last reason: "
               f"{study.trials[-1].user_attrs.get(Attr.FAIL_REASON, 'see above')}", file=sys.stderr)
         return 1
     return 0
-
-
-def raise_interrupt(signum: int, frame: object) -> None:
-    raise KeyboardInterrupt(signal.Signals(signum).name)
 
 
 def spawn_workers(argv: list[str], args: argparse.Namespace, storage_url: str, study: optuna.Study) -> int:
@@ -308,21 +225,6 @@ def spawn_workers(argv: list[str], args: argparse.Namespace, storage_url: str, s
               file=sys.stderr)
         return 1
     return 0
-
-
-def print_summary(study: optuna.Study) -> None:
-    states = {}
-    for t in study.get_trials(deepcopy=False):
-        states[t.state.name] = states.get(t.state.name, 0) + 1
-    print("trials by state: " + ", ".join(f"{k}={v}" for k, v in sorted(states.items())))
-    completed = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
-    if not completed:
-        print("no completed trial yet")
-        return
-    best = study.best_trial
-    print(f"best trial {best.number}: val_acc={best.value:.4f} test_acc={best.user_attrs.get(Attr.TEST_ACC, float('nan')):.4f}")
-    for key, value in best.params.items():
-        print(f"  {key} = {value}")
 
 
 if __name__ == "__main__":

@@ -1,8 +1,8 @@
 """The search simulator: how a packed study searches, without training anything.
 
-It runs the real path of a study (bench.study.run_packs: ask under the budget, pack forming with
-followers, backfill at epoch boundaries, report and prune through the objective's own callback,
-tell) with one piece swapped: `SimulatedObjective.train` draws each member's per-epoch validation
+It runs the real path of a study (bench.runner.run_packs: ask under the budget, pack forming with
+followers, backfill at epoch boundaries, report and prune through the trainer's own callback,
+tell) with one piece swapped: `SimulatedTrainer.train` draws each member's per-epoch validation
 accuracy from a synthetic landscape instead of training. The landscape depends on the architecture
 (every shape field, plus a seeded interaction per shape signature, so exploring shapes pays) and on
 the free knobs (learning rate per optimizer, loss, augmentation, dropout, schedule), with seeded
@@ -15,19 +15,21 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
 import optuna
 import torch
 
-from bench.objective import Attr, Objective, TrialSettings
+from bench.objective import AnsweringTrainer, TrialSettings
 from bench.packed import shape_signature
-from bench.space import BASELINE, TrainConfig, build_space, config_from_params, params_for_config, suggest
+from bench.runner import run_packs
+from bench.samplers import create_pruner, create_sampler
+from bench.schema import Attr
+from bench.space import AUGMENTATIONS, BASELINE, TrainConfig, build_space, config_from_params, params_for_config
 from bench.stats import paired_diff
-from bench.study import create_pruner, create_sampler, run_packs
-from bench.train import Member, PackLog
+from bench.train import Member
 
 CHANCE = 0.1
 NOISE_SD = 0.006  # per-epoch validation noise: about the binomial noise of 5,000 validation images at 60%
@@ -39,8 +41,8 @@ HIDDEN = {0: -0.02, 128: 0.0, 256: 0.005, 512: 0.005}
 BATCH = {64: 0.005, 128: 0.0, 256: -0.01}
 LOSS = {"ce": 0.0, "focal": -0.005, "mse": -0.02}
 SCHEDULER = {"none": 0.0, "step": 0.005, "cosine": 0.01, "onecycle": 0.012, "plateau": 0.004}
-AUGMENT = {"crop": 0.02, "flip": 0.015, "color_jitter": 0.003, "rotation": -0.002, "affine": 0.002,
-           "grayscale": -0.003, "erasing": 0.004}
+# each augmentation's effect, in AUGMENTATIONS' order (crop, flip, colour jitter, rotation, affine, grayscale, erasing)
+AUGMENT = dict(zip(AUGMENTATIONS, (0.02, 0.015, 0.003, -0.002, 0.002, -0.003, 0.004), strict=True))
 
 
 def _unit(*key: object) -> float:
@@ -72,63 +74,28 @@ def accuracy_at(cfg: TrainConfig, epoch: int, seed: int, landscape: int) -> floa
     return float(min(1.0, max(0.0, CHANCE + (final - CHANCE) * (1 - math.exp(-epoch / CURVE_EPOCHS)) + noise)))
 
 
-class SimulatedObjective(Objective):
-    """The objective with training replaced by the landscape; suggesting, reporting, pruning and concluding are the
-    objective's own."""
+class SimulatedTrainer(AnsweringTrainer):
+    """The trainer with training replaced by the landscape; suggesting, reporting, pruning and concluding are the
+    trainer's own."""
 
     def __init__(self, space: tuple, landscape: int, seed: int = 0, grid_only: bool = False):
         self.space, self.landscape, self.grid_only = space, landscape, grid_only
-        self.settings = TrialSettings(device="cpu", seed=seed, progress=False)
+        self.settings = TrialSettings(device="cpu", seed=seed, progress=False, grid_only=grid_only)
         self.device = torch.device("cpu")
         self.on_model = None
 
-    def member(self, trial: optuna.Trial) -> Member:
-        cfg = config_from_params(suggest(trial, self.space, grid_only=self.grid_only))
+    def member(self, trial: optuna.Trial, asked_seconds: float = 0.0) -> Member:
+        cfg = self.suggest_config(trial, asked_seconds)
         seed = int(trial.user_attrs.get(Attr.SEED, self.settings.seed + trial.number))
         trial.set_user_attr(Attr.SEED, seed)
         return self.attach_reporting(trial, Member(None, cfg, seed))  # type: ignore[arg-type]
 
-    def rebuild(self, member: Member) -> None:
-        member.result.__init__()  # type: ignore[misc]
-        member.error = None
+    def answer(self, member: Member, epoch: int) -> tuple[float, float, float]:
+        acc = accuracy_at(member.cfg, epoch, member.seed, self.landscape)
+        return 1.0 - acc, acc, 0.0
 
-    def train(self, members: list[Member], *, capacity: int | None = None,
-              refill: Callable[[int], Sequence[Member]] | None = None,
-              on_leave: Callable[[Member], None] | None = None) -> PackLog:
-        """bench.train.fit_pack's schedule (sub-packs per shape, leave at once, refill at epoch boundaries) with
-        drawn accuracies."""
-        active = list(members)
-        capacity = max(capacity or len(active), len(active))
-        log = PackLog(capacity)
-        while active:
-            log.members.append(len(active))
-            log.launches.append(len({shape_signature(m.cfg) for m in active}))
-            log.signatures |= {shape_signature(m.cfg) for m in active}
-            leaving = []
-            for m in active:
-                r = m.result
-                epoch = r.epochs_run + 1
-                acc = accuracy_at(m.cfg, epoch, m.seed, self.landscape)
-                r.train_loss.append(1.0 - acc)
-                r.val_acc.append(acc)
-                r.epochs_run = r.kept_epoch = epoch
-                try:
-                    if m.on_epoch is not None:
-                        m.on_epoch(epoch, 1.0 - acc, acc)
-                except Exception as exc:  # pruned: leaves, as in the loop
-                    m.error = exc
-                    leaving.append(m)
-                    continue
-                if epoch >= m.cfg.epochs:
-                    r.test_acc = accuracy_at(m.cfg, epoch, m.seed + 1, self.landscape)
-                    leaving.append(m)
-            for m in leaving:
-                active.remove(m)
-                if on_leave is not None:
-                    on_leave(m)
-            if refill is not None and capacity > len(active):
-                active += list(refill(capacity - len(active)))
-        return log
+    def final_test_accuracy(self, member: Member, epoch: int) -> float:
+        return accuracy_at(member.cfg, epoch, member.seed + 1, self.landscape)
 
 
 @dataclass(frozen=True)
@@ -151,8 +118,8 @@ def simulate_search(pack: int, trials: int, repeat: int, *, sampler: str = "tpe"
     study = optuna.create_study(storage=optuna.storages.InMemoryStorage(), direction="maximize",
                                 sampler=create_sampler(sampler, repeat, space), pruner=create_pruner(pruner, max_epochs))
     study.enqueue_trial(params_for_config(BASELINE, space))
-    objective = SimulatedObjective(space, landscape=repeat, grid_only=sampler == "grid")
-    stats = run_packs(study, objective, trials, pack=pack, gate=contextlib.nullcontext(),  # type: ignore[arg-type]
+    trainer = SimulatedTrainer(space, landscape=repeat, grid_only=sampler == "grid")
+    stats = run_packs(study, trainer, trials, pack=pack, gate=contextlib.nullcontext(),  # type: ignore[arg-type]
                       per_shape=per_shape, say=lambda line: None)
     finished = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED))
     shapes = {shape_signature(config_from_params(t.params)) for t in finished}

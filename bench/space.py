@@ -23,6 +23,16 @@ from optuna.distributions import (
 )
 
 FACTORS: tuple[str, ...] = ("epochs", "optimizer", "loss", "augmentation", "architecture", "training")
+EPOCHS_PARAM = "epochs"  # the knob that sets a run's budget (the report and the claims read budgets from it)
+EARLY_STOPPING_PARAM = "early_stopping"  # patience; 0 = off (bench.record fixes it off: every run trains every epoch)
+_SHAPE = "shape"  # TrainConfig field metadata: the field changes tensor shapes or the graph
+
+
+def _shape(default: Any) -> Any:
+    """A TrainConfig field that changes tensor shapes or the graph: only trials that agree on all of them can share a
+    pack (bench.packed). Dropout is not one: every packed head has its dropout layers, with p = 0 for members
+    without dropout."""
+    return dataclasses.field(default=default, metadata={_SHAPE: True})
 
 
 @dataclass(frozen=True)
@@ -31,7 +41,7 @@ class TrainConfig:
 
     # epochs
     epochs: int = 5
-    batch_size: int = 128
+    batch_size: int = _shape(128)
     # optimizer
     optimizer: str = "adam"
     lr: float = 3e-3
@@ -58,13 +68,13 @@ class TrainConfig:
     erasing: bool = False
     erasing_p: float = 0.2
     # architecture
-    conv_layout: str = "stages"  # "stages": TinyCNN's conv-pool stages; "assignment": the assignment's printed block
-    extra_blocks: int = 0
-    width: float = 1.0
-    batch_norm: bool = False
+    conv_layout: str = _shape("stages")  # "stages": TinyCNN's conv-pool stages; "assignment": the assignment's printed block
+    extra_blocks: int = _shape(0)
+    width: float = _shape(1.0)
+    batch_norm: bool = _shape(False)
     dropout: float = 0.0
-    residual: bool = False
-    hidden_units: int = 128
+    residual: bool = _shape(False)
+    hidden_units: int = _shape(128)
     # training technique
     scheduler: str = "none"
     step_size: int = 2  # StepLR as the assignment's how-to writes it: halve the lr every 2 epochs
@@ -78,6 +88,8 @@ class TrainConfig:
 
 BASELINE = TrainConfig()
 CONFIG_FIELDS: frozenset[str] = frozenset(f.name for f in dataclasses.fields(TrainConfig))
+# the fields trials must agree on to share a pack (bench.packed.shape_signature), in declaration order
+SHAPE_FIELDS: tuple[str, ...] = tuple(f.name for f in dataclasses.fields(TrainConfig) if f.metadata.get(_SHAPE))
 
 
 @dataclass(frozen=True)
@@ -171,6 +183,16 @@ def build_space(max_epochs: int = 30) -> tuple[Param, ...]:
         Param("early_stopping", IntDistribution(0, 5), "training"),
         Param("grad_clip", _cat(0.0, 0.5, 1.0, 5.0), "training"),
     )
+
+
+def fixed_budget_space(epochs: int) -> tuple[Param, ...]:
+    """The search space with the epochs fixed to `epochs` and early stopping off: every run trains every epoch. The space
+    of recorded tables (bench.record) and of compared searches (bench.compare): the budget is what the searches spend,
+    not a knob they tune (a pruner's early stops are the only shortened runs)."""
+    fixed = {EPOCHS_PARAM: IntDistribution(epochs, epochs),
+             EARLY_STOPPING_PARAM: IntDistribution(0, 0)}
+    return tuple(dataclasses.replace(p, distribution=fixed[p.name], grid=(fixed[p.name].low,)) if p.name in fixed else p
+                 for p in build_space(epochs))
 
 
 def _check_declaration(space: tuple[Param, ...]) -> None:

@@ -99,6 +99,13 @@ def welch_diff(a: np.ndarray, b: np.ndarray) -> Interval:
     return _t_interval(diff, math.sqrt(se2), df, n, "Welch t")
 
 
+def two_sided_p(est: Interval) -> float:
+    """The two-sided p value of "the mean is 0" for a t-based estimate (welch_diff, paired_diff); NaN without one."""
+    if not (math.isfinite(est.se) and est.se > 0 and est.df > 0):
+        return math.nan
+    return min(1.0, 2 * float(stats.t.sf(abs(est.mean) / est.se, est.df)))
+
+
 def binomial_half_width(n: int, p: float = 0.5) -> float:
     """95% half-width (normal approximation) of one accuracy measured on n images; p=0.5 is the worst case."""
     if n <= 0:

@@ -4,12 +4,12 @@ One loop trains a pack of K same-shape trials as one packed network (bench.packe
 trial is a pack of one. Data stays as uint8 tensors on the training device; each member's
 batch is indexed, augmented and normalised there (bench.augment) with the member's own batch
 order and random streams, so a member's result depends only on its config and seed, never on
-which trials share its pack.
+which trials share its pack. What each optimizer, loss and schedule kind computes lives in their
+registries (bench.optimizers, bench.losses, bench.schedules); the device and precision in bench.hardware.
 """
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import math
 import time
@@ -17,181 +17,28 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
 from bench.augment import AugmentConfig, BatchAugment
 from bench.data import Split, Splits
 from bench.errors import UsageError
+from bench.hardware import autocast, configure_determinism, resolve_precision
+from bench.losses import create_loss
 from bench.models import ConvNet
+from bench.optimizers import clip_grad_norm_per_member, create_optimizer
 from bench.packed import compact, grow, pack_models, shape_signature, unpack_member
-from bench.packed_optim import PackedOptimizer, clip_grad_norm_per_member
+from bench.schedules import Schedule, member_schedule
 from bench.space import TrainConfig
 
 EVAL_BATCH = 1024
 PACK_EVAL_BATCH = 256  # images per evaluation step in a pack of any size (each replicated K times)
 DROPOUT_STREAM = 7_919  # a member's dropout masks come from seed + this: a stream of its own
 CHECK_EVERY = 20  # batches between loss reads: reading syncs the GPU
-PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 
 
 class Diverged(RuntimeError):
     """The training loss became NaN or infinite."""
-
-
-# cuDNN and cuBLAS report a failed workspace allocation as a plain RuntimeError, not torch.OutOfMemoryError
-_ALLOCATION_FAILURES = ("CUDNN_STATUS_ALLOC_FAILED", "CUBLAS_STATUS_ALLOC_FAILED", "CUDA out of memory",
-                        "CUDNN_STATUS_NOT_ENOUGH_WORKSPACE")
-
-
-def is_out_of_memory(exc: BaseException) -> bool:
-    return isinstance(exc, torch.OutOfMemoryError) or (
-        isinstance(exc, RuntimeError) and any(s in str(exc) for s in _ALLOCATION_FAILURES))
-
-
-# --- device and precision ---------------------------------------------------------------
-
-
-def resolve_device(name: str = "auto") -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise UsageError(f"--device {name!r} is not a device; use auto, cpu, cuda or cuda:N") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise UsageError(f"--device {name} was asked for but no CUDA device is available; use --device cpu or auto")
-    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
-        raise UsageError(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA device(s)")
-    return device
-
-
-def cpu_supports_bf16() -> bool:
-    # oneDNN's own check: true on CPUs with AVX512-BF16 or AMX (this project's 2-core EPYC has it).
-    return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
-
-
-def resolve_precision(precision: str, device: torch.device) -> torch.dtype | None:
-    """The autocast dtype, or None for plain fp32."""
-    if precision == "auto":
-        if device.type == "cuda":
-            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-        return torch.bfloat16 if device.type == "cpu" and cpu_supports_bf16() else None
-    return {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
-
-
-def configure_determinism(device: torch.device, deterministic: bool) -> None:
-    """cuDNN autotuning (fast) or deterministic algorithms (two runs of one seed agree bit for bit on CUDA).
-    A CPU run is deterministic either way. CUBLAS_WORKSPACE_CONFIG must be set before CUDA starts (bench.run does)."""
-    if device.type != "cuda":
-        return
-    torch.backends.cudnn.benchmark = not deterministic
-    torch.backends.cudnn.deterministic = deterministic
-    # strict: an operation without a deterministic CUDA kernel raises instead of warning, so a run that says it is
-    # deterministic is (the loss avoids cross_entropy's NLL kernel, which has none: PackLoss(fused=False))
-    torch.use_deterministic_algorithms(deterministic)
-
-
-def autocast(device: torch.device, dtype: torch.dtype | None) -> contextlib.AbstractContextManager:
-    if dtype is None:
-        return contextlib.nullcontext()
-    return torch.autocast(device.type, dtype=dtype)
-
-
-# --- losses -----------------------------------------------------------------------------
-
-
-def _loss(kind: str, logits: torch.Tensor, target: torch.Tensor, smoothing: torch.Tensor, gamma: torch.Tensor) -> torch.Tensor:
-    """Per-member mean loss over [k, B, classes] logits: one formula per kind, member values as [k] tensors."""
-    log_p = F.log_softmax(logits, -1)
-    one_hot = F.one_hot(target, logits.shape[-1]).to(logits.dtype)
-    true = (log_p * one_hot).sum(-1)  # [k, B]; not gather, whose backward (scatter-add) is nondeterministic on CUDA
-    if kind == "ce":  # torch's label smoothing: (1 - e) * nll + e * mean over classes of -log p
-        eps = smoothing[:, None]
-        return ((1 - eps) * -true + eps * -log_p.mean(-1)).mean(-1)
-    if kind == "focal":  # Lin et al. 2017: cross-entropy down-weighted by (1 - p_true)^gamma
-        return (-(1 - true.exp()).pow(gamma[:, None]) * true).mean(-1)
-    if kind == "mse":  # MSE between softmax probabilities and one-hot targets (the assignment's 'MSE' level)
-        return (log_p.exp() - one_hot).square().mean(dim=(-1, -2))
-    raise ValueError(f"unknown loss {kind!r}")
-
-
-class PackLoss:
-    """Each member's own loss; summing them gives every member exactly its own gradient."""
-
-    def __init__(self, configs: Sequence[TrainConfig], device: torch.device, fused: bool = True):
-        for cfg in configs:
-            if cfg.loss not in ("ce", "focal", "mse"):
-                raise ValueError(f"unknown loss {cfg.loss!r}")
-        kinds = [c.loss for c in configs]
-        self.groups = {kind: torch.tensor([i for i, x in enumerate(kinds) if x == kind], device=device)
-                       for kind in dict.fromkeys(kinds)}
-        self.smoothing = torch.tensor([c.label_smoothing for c in configs], device=device)
-        self.gamma = torch.tensor([c.focal_gamma for c in configs], device=device)
-        smoothing = {c.label_smoothing for c in configs}
-        one = fused and kinds == ["ce"] * len(kinds) and len(smoothing) == 1
-        self.fused_smoothing = smoothing.pop() if one else None
-
-    def __call__(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        if self.fused_smoothing is not None:  # all cross-entropy, one smoothing (a pack of one always): torch's fused loss
-            k, b, c = logits.shape
-            per_sample = F.cross_entropy(logits.reshape(k * b, c), target.reshape(-1), reduction="none",
-                                         label_smoothing=self.fused_smoothing)
-            return per_sample.view(k, b).mean(1)
-        if len(self.groups) == 1:  # one kind: no gather
-            return _loss(next(iter(self.groups)), logits, target, self.smoothing, self.gamma)
-        losses = logits.new_zeros(logits.shape[0])
-        for kind, idx in self.groups.items():  # each member only through its own kind: no NaN from the others
-            losses = losses.index_put((idx,), _loss(kind, logits[idx], target[idx], self.smoothing[idx], self.gamma[idx]))
-        return losses
-
-
-# --- learning-rate schedules ----------------------------------------------------------------
-
-
-@dataclass
-class Schedule:
-    scheduler: torch.optim.lr_scheduler.LRScheduler | torch.optim.lr_scheduler.ReduceLROnPlateau | None
-    per_batch: bool = False
-
-    def after_batch(self) -> None:
-        if self.scheduler is not None and self.per_batch:
-            self.scheduler.step()
-
-    def after_epoch(self, val_acc: float) -> None:
-        if self.scheduler is None or self.per_batch:
-            return
-        if isinstance(self.scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
-            self.scheduler.step(val_acc)
-        else:
-            self.scheduler.step()
-
-
-def build_schedule(cfg: TrainConfig, optimizer: torch.optim.Optimizer, steps_per_epoch: int) -> Schedule:
-    sched = torch.optim.lr_scheduler
-    if cfg.scheduler == "none":
-        return Schedule(None)
-    if cfg.scheduler == "step":  # stepped once per epoch, as the assignment's StepLR(opt, step_size, gamma)
-        return Schedule(sched.StepLR(optimizer, step_size=cfg.step_size, gamma=cfg.step_gamma))
-    if cfg.scheduler == "cosine":
-        return Schedule(sched.CosineAnnealingLR(optimizer, T_max=cfg.epochs))
-    if cfg.scheduler == "onecycle":
-        # cycle_momentum=False: the searched momentum (or Adam's beta1) stays as suggested; torch's default would
-        # cycle it between 0.85 and 0.95 and silently override e.g. an SGD momentum of 0.5
-        return Schedule(sched.OneCycleLR(optimizer, max_lr=cfg.lr, total_steps=cfg.epochs * steps_per_epoch,
-                                         cycle_momentum=False), per_batch=True)
-    if cfg.scheduler == "plateau":
-        return Schedule(sched.ReduceLROnPlateau(optimizer, mode="max", factor=0.3, patience=1))
-    raise ValueError(f"unknown scheduler {cfg.scheduler!r}")
-
-
-def member_schedule(cfg: TrainConfig, steps_per_epoch: int) -> tuple[torch.optim.Optimizer, Schedule]:
-    """torch's own scheduler for one member, driving a stand-in optimizer whose lr the pack copies each step."""
-    stand_in = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=cfg.lr, momentum=cfg.momentum)
-    schedule = build_schedule(cfg, stand_in, steps_per_epoch)
-    stand_in.step()  # no gradient, no change; torch warns when a scheduler steps before its optimizer did
-    return stand_in, schedule
 
 
 # --- evaluation and training --------------------------------------------------------------
@@ -229,6 +76,10 @@ class FitResult:
     images_per_sec: float = 0.0
     eval_images_per_sec: float = 0.0
     stop_reason: str = "completed"
+    # per epoch, only for members with `test_each_epoch` (bench.record): test accuracy, and seconds (training plus
+    # validation, the share of the epoch a replay charges)
+    test_curve: list[float] = field(default_factory=list)
+    epoch_seconds: list[float] = field(default_factory=list)
 
     @property
     def kept_val_acc(self) -> float:
@@ -249,6 +100,7 @@ class Member:
     on_epoch: EpochCallback | None = None
     result: FitResult = field(default_factory=FitResult)
     error: Exception | None = None
+    test_each_epoch: bool = False  # evaluate the test split after every epoch too (a recording; off: tested once)
 
 
 @dataclass
@@ -447,17 +299,18 @@ class _PackState:
         self.slots, self.device, self.deterministic = slots, ctx.device, ctx.deterministic
         self.batches = _batches(len(ctx.train), slots[0].member.cfg.batch_size)
         self.packed = _build_pack(slots, ctx.device)
-        self.optimizer = PackedOptimizer(self.packed.parameters(), [s.member.cfg for s in slots], ctx.device)
+        self.optimizer = create_optimizer(self.packed.parameters(), [s.member.cfg for s in slots], ctx.device)
         self.scaler = torch.amp.GradScaler("cuda", enabled=ctx.dtype == torch.float16 and ctx.device.type == "cuda")
         # shares the parameters (solo trials only: fit_pack turns compiling off for packs)
         self.net = torch.compile(self.packed) if ctx.compile_model else self.packed
         self.epoch_start = math.nan
+        self.epoch_seconds = 0.0  # the last epoch's training time (per-epoch seconds of test_each_epoch members)
         self._rebuild()
         self.update_lrs()  # a schedule's own first lr (OneCycle starts at max_lr / 25, not at the optimizer's lr)
 
     def _rebuild(self) -> None:
         cfgs = [s.member.cfg for s in self.slots]
-        self.loss_fn = PackLoss(cfgs, self.device, fused=not self.deterministic)
+        self.loss_fn = create_loss(cfgs, self.device, fused=not self.deterministic)
         self.clip = torch.tensor([c.grad_clip for c in cfgs], device=self.device)
         self.any_clip = any(c.grad_clip for c in cfgs)
         self.per_batch = any(s.schedule.per_batch for s in self.slots)
@@ -540,6 +393,7 @@ def _train_epoch(state: _PackState, ctx: _Context, leave: Callable[..., None]) -
             bar.set_postfix(loss=f"{sum(x for x in running if math.isfinite(x)) / max(1, len(running) - len(bad)):.3f}")
     elapsed = time.perf_counter() - state.epoch_start
     state.epoch_start = math.nan
+    state.epoch_seconds = elapsed
     for slot in state.slots:
         slot.train_time += elapsed
         slot.images += batches[-1][1]
@@ -555,6 +409,13 @@ def _validate_epoch(state: _PackState, ctx: _Context, leave: Callable[..., None]
     for slot in state.slots:  # the pack evaluates every member in one pass: each counts the shared time
         slot.eval_images += len(ctx.val)
         slot.eval_time += t_eval
+    if any(slot.member.test_each_epoch for slot in state.slots):  # before the callbacks: a pruned epoch has its own
+        test_acc = val_acc if ctx.test is ctx.val else evaluate(state.net, ctx.test, ctx.plain, ctx.device, ctx.dtype,
+                                                                 len(state.slots))
+        for k, slot in enumerate(state.slots):
+            if slot.member.test_each_epoch:
+                slot.member.result.test_curve.append(test_acc[k])
+                slot.member.result.epoch_seconds.append(state.epoch_seconds + t_eval)
     leaving = [k for k, slot in enumerate(state.slots)
                if _end_epoch(slot, state.train_loss[k], val_acc[k], ctx, state.packed, k)]
     state.update_lrs()

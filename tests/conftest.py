@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 
-from bench.fixtures import make_image_folder
+from bench.sample_data import make_image_folder
 
 
 @pytest.fixture

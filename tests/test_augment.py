@@ -13,6 +13,7 @@ from bench.augment import (
     random_flip,
     random_grayscale,
 )
+from bench.space import BASELINE
 
 
 def gen(seed: int = 0) -> torch.Generator:
@@ -118,10 +119,19 @@ def test_batch_augment_with_nothing_on_is_normalisation():
 
 def test_full_pipeline_is_seeded():
     images = torch.randint(0, 256, (16, 3, 32, 32), dtype=torch.uint8)
-    cfg = AugmentConfig(crop_padding=4, flip=True, jitter=0.2, rotation_degrees=15, shear_degrees=10, scale=0.2,
-                        grayscale_p=0.1, erasing_p=0.2)
+    cfg = AugmentConfig(crop_padding=4, flip=True, jitter_strength=0.2, rotation_degrees=15, affine_shear=10,
+                        affine_scale=0.2, grayscale_p=0.1, erasing_p=0.2)
     aug = BatchAugment(cfg, (0.5,) * 3, (0.25,) * 3, torch.device("cpu"))
     a, b = aug(images, gen(7)), aug(images, gen(7))
     assert torch.equal(a, b)
     assert not torch.equal(a, aug(images, gen(8)))
     assert a.shape == (16, 3, 32, 32) and a.dtype == torch.float32
+
+
+def test_a_trial_augments_with_each_knob_under_its_switch():
+    assert AugmentConfig.from_train_config(BASELINE.replace(crop=False, flip=False)) == AugmentConfig()
+    assert AugmentConfig.from_train_config(BASELINE, dataset_padding=3) == AugmentConfig(crop_padding=3, flip=True)
+    on = BASELINE.replace(crop_padding=2, color_jitter=True, rotation=True, affine=True, grayscale=True, erasing=True)
+    assert AugmentConfig.from_train_config(on) == AugmentConfig(
+        crop_padding=2, flip=True, jitter_strength=on.jitter_strength, rotation_degrees=on.rotation_degrees,
+        affine_shear=on.affine_shear, affine_scale=on.affine_scale, grayscale_p=on.grayscale_p, erasing_p=on.erasing_p)

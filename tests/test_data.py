@@ -7,7 +7,7 @@ import torch
 
 from bench.data import load_dataset, load_image_folder, make_splits
 from bench.errors import UsageError
-from bench.fixtures import make_image_folder
+from bench.sample_data import make_image_folder
 
 
 def test_rgb_folder_loads_as_uint8_tensors(rgb_folder, cache_dir):

@@ -13,8 +13,9 @@ from optuna.trial import TrialState
 
 import bench.objective
 from bench.errors import run_cli
-from bench.objective import Attr
 from bench.run import main
+from bench.runner import run_packs
+from bench.schema import Attr
 
 
 @pytest.fixture
@@ -100,7 +101,7 @@ def _digest(path: Path) -> str:
     ("fp16-pack", "fp16 cannot train a pack"),
 ])
 def test_bad_input_leaves_the_stored_study_untouched(base_args, tmp_path, capsys, case, message):
-    from bench.fixtures import make_image_folder
+    from bench.sample_data import make_image_folder
 
     args, storage = base_args
     assert run(*args, "--trials", "1") == 0
@@ -161,13 +162,13 @@ def test_read_only_studies_directory(rgb_folder, cache_dir, tmp_path, capsys):
     assert "not writable" in capsys.readouterr().err
 
 
-def _objective(rgb_folder, cache_dir):
+def _trainer(rgb_folder, cache_dir):
     from bench.data import load_image_folder, make_splits
-    from bench.objective import Objective, TrialSettings
+    from bench.objective import TrialSettings, TrialTrainer
     from bench.space import build_space
 
     splits = make_splits(load_image_folder(rgb_folder, cache_dir=cache_dir), val_split=0.25, seed=0)
-    return Objective(splits, build_space(3), TrialSettings(device="cpu", precision="fp32", progress=False))
+    return TrialTrainer(splits, build_space(3), TrialSettings(device="cpu", precision="fp32", progress=False))
 
 
 def test_a_pruned_trial_records_what_it_cost_and_measured(rgb_folder, cache_dir):
@@ -175,7 +176,7 @@ def test_a_pruned_trial_records_what_it_cost_and_measured(rgb_folder, cache_dir)
 
     study = optuna.create_study(direction="maximize", pruner=optuna.pruners.ThresholdPruner(lower=1.1))  # prunes at once
     study.enqueue_trial(params_for_config(BASELINE.replace(epochs=3, batch_size=64), build_space(3)))
-    study.optimize(_objective(rgb_folder, cache_dir), n_trials=1)
+    run_packs(study, _trainer(rgb_folder, cache_dir), 1)
     t = study.trials[0]
     assert t.state == TrialState.PRUNED and t.user_attrs[Attr.STOP_REASON] == "pruned"
     a = t.user_attrs
@@ -189,7 +190,7 @@ def test_a_retried_trial_starts_with_fresh_curves(rgb_folder, cache_dir):
     study = optuna.create_study(direction="maximize")
     dead = {Attr.VAL_CURVE: [0.1, 0.2, 0.3], Attr.LOSS_CURVE: [9.0, 8.0, 7.0], "retry_of": 0}  # what a retry inherits
     study.enqueue_trial(params_for_config(BASELINE.replace(epochs=2, batch_size=64), build_space(3)), user_attrs=dead)
-    study.optimize(_objective(rgb_folder, cache_dir), n_trials=1)
+    run_packs(study, _trainer(rgb_folder, cache_dir), 1)
     a = study.trials[0].user_attrs
     assert len(a[Attr.VAL_CURVE]) == 2 and len(a[Attr.LOSS_CURVE]) == 2 and 9.0 not in a[Attr.LOSS_CURVE]
     assert a[Attr.KEPT_EPOCH] == 2 and study.trials[0].value == a[Attr.VAL_CURVE][-1]

@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from bench.data import load_image_folder, make_splits
-from bench.fixtures import make_image_folder
 from bench.models import build_model
+from bench.sample_data import make_image_folder
 from bench.space import BASELINE
 from bench.train import Member, fit_pack
 

@@ -88,7 +88,7 @@ def test_run_resume_and_report_rows(rgb_folder, cache_dir, tmp_path, capsys, mon
 def test_pending_reruns_failed_cells_only():
     study = optuna.create_study()
     cells = design(LEVELS, PATH, seeds=(0,))
-    from bench.objective import Attr
+    from bench.schema import Attr
 
     for state, cell in ((optuna.trial.TrialState.COMPLETE, cells[0]), (optuna.trial.TrialState.FAIL, cells[1])):
         study.add_trial(optuna.trial.create_trial(state=state, value=0.5 if state.name == "COMPLETE" else None,
@@ -111,7 +111,7 @@ def _matrix_args(rgb_folder, cache_dir, tmp_path, seeds=3):
 
 
 def _cells(study):
-    from bench.objective import Attr
+    from bench.schema import Attr
 
     done: dict[str, list[int]] = {}
     for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,)):
@@ -166,7 +166,7 @@ def test_a_diverged_cell_is_rerun_once_then_counted_as_diverged(rgb_folder, cach
     monkeypatch.setattr(bench.objective, "fit_pack", mse_diverges)
     assert run_cli(main, args) == 0
     study = optuna.load_study(study_name="m", storage=storage)
-    from bench.objective import Attr
+    from bench.schema import Attr
 
     mse = [t for t in study.trials if t.user_attrs.get(Attr.CELL) == "MSE"]
     assert [t.user_attrs[Attr.STOP_REASON] for t in mse] == ["diverged", "diverged"]  # run, and rerun once
@@ -218,7 +218,7 @@ def test_stop_after_ends_after_the_running_cell_and_the_same_command_completes(r
 
     import bench.matrix as matrix_module
     import bench.objective
-    from bench.objective import Attr
+    from bench.schema import Attr
 
     _small_design(monkeypatch)
     clock = [0.0]
@@ -248,7 +248,7 @@ def test_stop_after_ends_after_the_running_cell_and_the_same_command_completes(r
 
 def test_matrix_packs_give_the_solo_numbers(rgb_folder, cache_dir, tmp_path, monkeypatch):
     """--pack 2 trains each cell's seeds two at a time as one network: every (cell, seed) ends as it did alone."""
-    from bench.objective import Attr
+    from bench.schema import Attr
 
     _small_design(monkeypatch, names=(BASELINE_CELL, "label smoothing 0.1", "Dropout 0.3"))
     results = {}

@@ -7,11 +7,11 @@ import torch
 
 from bench.augment import BatchAugment
 from bench.data import load_image_folder, make_splits
-from bench.fixtures import make_image_folder
 from bench.models import build_model, feature_dropout, head_dropout
-from bench.packed import SHAPE_FIELDS, compact, pack_models, shape_signature, unpack_member
-from bench.packed_optim import PackedOptimizer, clip_grad_norm_per_member
-from bench.space import BASELINE, TrainConfig
+from bench.optimizers import PackedOptimizer, clip_grad_norm_per_member, solo_optimizer
+from bench.packed import compact, pack_models, shape_signature, unpack_member
+from bench.sample_data import make_image_folder
+from bench.space import BASELINE, SHAPE_FIELDS, TrainConfig
 from bench.train import Diverged, Member, fit_pack
 
 CPU = torch.device("cpu")
@@ -185,18 +185,6 @@ def test_mixed_shapes_are_refused():
 # --- the pieces ------------------------------------------------------------------------------
 
 
-def torch_optimizer(cfg: TrainConfig, params) -> torch.optim.Optimizer:
-    """torch's own optimizer for cfg, the reference the vectorised updates must reproduce."""
-    kinds = {
-        "adam": lambda: torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay),
-        "adamw": lambda: torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay),
-        "sgd": lambda: torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov,
-                                       weight_decay=cfg.weight_decay),
-        "rmsprop": lambda: torch.optim.RMSprop(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay),
-    }
-    return kinds[cfg.optimizer]()
-
-
 OPTIMIZER_CONFIGS = [
     BASELINE.replace(optimizer="adam", weight_decay=1e-4),
     BASELINE.replace(optimizer="adamw", lr=1e-3, weight_decay=1e-2),
@@ -208,12 +196,13 @@ OPTIMIZER_CONFIGS = [
 
 
 def test_vectorised_updates_match_torchs_optimizers():
+    """A pack mixing every kind (tests/test_registries.py: a pack of each kind alone)."""
     k, rows = len(OPTIMIZER_CONFIGS), 3
     gen = torch.Generator().manual_seed(0)
     packed = torch.nn.Parameter(torch.randn(k * rows, 4, 3, 3, generator=gen).contiguous(memory_format=torch.channels_last))
     solos = [torch.nn.Parameter(packed.detach()[i * rows:(i + 1) * rows].clone()) for i in range(k)]
     ours = PackedOptimizer([packed], OPTIMIZER_CONFIGS, CPU)
-    theirs = [torch_optimizer(c, [p]) for c, p in zip(OPTIMIZER_CONFIGS, solos, strict=True)]
+    theirs = [solo_optimizer([p], c) for c, p in zip(OPTIMIZER_CONFIGS, solos, strict=True)]  # torch's own
     for _ in range(10):
         grad = torch.randn(k * rows, 4, 3, 3, generator=gen)
         packed.grad = grad.clone()
@@ -291,8 +280,8 @@ def test_bench_run_in_packs_of_four_fills_its_packs(rgb_folder, cache_dir, tmp_p
     import optuna
 
     from bench.errors import run_cli
-    from bench.objective import Attr
     from bench.run import main
+    from bench.schema import Attr
 
     args, storage = run_args(rgb_folder, cache_dir, tmp_path, "--pack", "4", "--trials", "8")
     assert run_cli(main, args) == 0
@@ -316,26 +305,26 @@ def _runner(rgb_folder, cache_dir, tmp_path):
     import optuna
 
     from bench.locks import TrialGate
-    from bench.objective import Objective, TrialSettings
+    from bench.objective import TrialSettings, TrialTrainer
     from bench.space import build_space
 
     splits = make_splits(load_image_folder(rgb_folder, cache_dir=cache_dir), val_split=0.25, seed=0)
     storage = f"sqlite:///{tmp_path / 'r.db'}"
     study = optuna.create_study(study_name="r", storage=storage, direction="maximize",
                                 sampler=optuna.samplers.RandomSampler(seed=0))
-    objective = Objective(splits, build_space(1), TrialSettings(device="cpu", precision="fp32", progress=False))
-    return study, objective, TrialGate(storage, "r")
+    trainer = TrialTrainer(splits, build_space(1), TrialSettings(device="cpu", precision="fp32", progress=False))
+    return study, trainer, TrialGate(storage, "r")
 
 
 def test_asks_with_two_signatures_train_as_two_sub_packs_of_one_pack(rgb_folder, cache_dir, tmp_path):
-    from bench.objective import Attr
-    from bench.study import run_packs
+    from bench.runner import run_packs
+    from bench.schema import Attr
 
-    study, objective, gate = _runner(rgb_folder, cache_dir, tmp_path)
+    study, trainer, gate = _runner(rgb_folder, cache_dir, tmp_path)
     for width in (1.0, 2.0, 1.0, 2.0):  # waiting trials (a baseline, retries) join packs by their own shape
         study.enqueue_trial({"width": width, "batch_size": 64, "extra_blocks": 0, "batch_norm": False,
                              "residual": False, "hidden_units": 128, "epochs": 1})
-    stats = run_packs(study, objective, 4, pack=4, gate=gate, say=lambda line: None)
+    stats = run_packs(study, trainer, 4, pack=4, gate=gate, say=lambda line: None)
     assert stats.members == [4] and stats.launches == [2] and stats.occupancy == 1.0 and len(stats.signatures) == 2
     assert sorted(t.user_attrs[Attr.PACK_SLOT] for t in study.trials) == [0, 1, 2, 3]
     assert {t.user_attrs[Attr.PACK_SIZE] for t in study.trials} == {4}
@@ -344,8 +333,8 @@ def test_asks_with_two_signatures_train_as_two_sub_packs_of_one_pack(rgb_folder,
 
 def test_out_of_memory_halves_the_pack_and_says_so(rgb_folder, cache_dir, tmp_path, monkeypatch):
     import bench.objective
-    from bench.objective import Attr
-    from bench.study import run_packs
+    from bench.runner import run_packs
+    from bench.schema import Attr
 
     real = bench.objective.fit_pack
 
@@ -355,9 +344,9 @@ def test_out_of_memory_halves_the_pack_and_says_so(rgb_folder, cache_dir, tmp_pa
         return real(members, *a, **k)
 
     monkeypatch.setattr(bench.objective, "fit_pack", small_device)
-    study, objective, gate = _runner(rgb_folder, cache_dir, tmp_path)
+    study, trainer, gate = _runner(rgb_folder, cache_dir, tmp_path)
     said = []
-    stats = run_packs(study, objective, 6, pack=4, gate=gate, say=said.append)
+    stats = run_packs(study, trainer, 6, pack=4, gate=gate, say=said.append)
     assert any("out of memory with a pack of 4: halving it to 2" in line for line in said)
     assert all(t.state.name in ("COMPLETE", "PRUNED") for t in study.trials) and len(study.trials) == 6
     assert {t.user_attrs[Attr.PACK_SIZE] for t in study.trials} == {2}  # the runner asks packs of 2 from then on
@@ -369,8 +358,8 @@ def test_interrupting_a_pack_leaves_no_running_trial(rgb_folder, cache_dir, tmp_
 
     import bench.objective
     from bench.errors import run_cli
-    from bench.objective import Attr
     from bench.run import main
+    from bench.schema import Attr
 
     def interrupted(members, *a, **k):
         raise KeyboardInterrupt
@@ -446,7 +435,7 @@ def test_out_of_memory_retries_after_the_failed_pack_is_released(rgb_folder, cac
     import weakref
 
     import bench.objective
-    from bench.study import run_packs
+    from bench.runner import run_packs
 
     real, failed_packs = bench.objective.fit_pack, []
 
@@ -459,8 +448,8 @@ def test_out_of_memory_retries_after_the_failed_pack_is_released(rgb_folder, cac
         return real(members, *a, **k)
 
     monkeypatch.setattr(bench.objective, "fit_pack", small_device)
-    study, objective, gate = _runner(rgb_folder, cache_dir, tmp_path)
+    study, trainer, gate = _runner(rgb_folder, cache_dir, tmp_path)
     said = []
-    run_packs(study, objective, 4, pack=4, gate=gate, say=said.append)
+    run_packs(study, trainer, 4, pack=4, gate=gate, say=said.append)
     assert failed_packs and any("halving it to 2" in line for line in said)
     assert len(study.trials) == 4 and all(t.state.name in ("COMPLETE", "PRUNED") for t in study.trials)

@@ -15,8 +15,8 @@ import optuna
 import pytest
 from optuna.trial import TrialState
 
-from bench.fixtures import make_image_folder
-from bench.study import open_storage
+from bench.sample_data import make_image_folder
+from bench.storage import open_storage
 
 PG_URL = os.environ.get("BENCH_PG_URL")
 postgres = pytest.mark.skipif(not PG_URL, reason="needs BENCH_PG_URL (nox -s postgres starts a server)")

@@ -13,11 +13,12 @@ from PIL import Image
 from bench.checkpoint import CheckpointSink, artifact_dir, load_checkpoint, model_path_for, open_store
 from bench.data import load_image_folder, make_splits
 from bench.errors import run_cli
-from bench.fixtures import make_image_folder
-from bench.objective import Objective, TrialSettings
+from bench.objective import TrialSettings, TrialTrainer
 from bench.predict import main as predict_main
 from bench.predict import preprocess
 from bench.run import main as run_main
+from bench.runner import run_packs
+from bench.sample_data import make_image_folder
 from bench.space import build_space
 
 
@@ -36,8 +37,8 @@ def test_round_trip_gives_the_in_memory_logits(rgb_folder, cache_dir, tmp_path):
 
     study = optuna.create_study(study_name="rt", storage=storage, direction="maximize")
     study.enqueue_trial({"epochs": 1})
-    objective = Objective(splits, build_space(1), TrialSettings(progress=False, precision="fp32"), on_model=capture)
-    study.optimize(objective, n_trials=1)
+    trainer = TrialTrainer(splits, build_space(1), TrialSettings(progress=False, precision="fp32"), on_model=capture)
+    run_packs(study, trainer, 1)
     path = model_path_for(study.trials[0], storage, store, tmp_path / "model.pt")
     model, meta = load_checkpoint(path)
     assert meta.classes == ("cat", "dog", "frog") and meta.image_size == (32, 32)

@@ -17,8 +17,8 @@ from bench.analysis import (
     trials_frame,
 )
 from bench.errors import run_cli
-from bench.objective import Attr
 from bench.report import NOTHING, main, write_report
+from bench.schema import Attr
 from bench.space import BASELINE, build_space, params_for_config
 
 SPACE = build_space(max_epochs=30)
@@ -115,7 +115,7 @@ def test_designed_matrix_gives_known_means_and_verdicts():
     assert row(matrix, "StepLR")["n"] == 0 and row(matrix, "StepLR")["verdict"] == "no data"
     assert row(matrix, "StepLR", 20)["cell"] == "StepLR @20 ep"
     bn = row(matrix, "BatchNorm")  # C10 claims BN with Dropout, in the printed block, not BN alone
-    assert bn["verdict"] == "not quantified" and bn["epochs"] == 5 and bn["claim_epochs"] == 5
+    assert bn["verdict"] == "not quantified" and bn["budget_epochs"] == 5 and bn["claim_epochs"] == 5
     judged = matrix[matrix["verdict"].isin(["supported", "contradicted", "inconclusive"])]
     assert set(judged["n_tests"]) == {len(judged)} and (judged["p_holm"] >= judged["p_raw"]).all()
     assert (judged["holm_level"] >= 0.95).all() and judged["claim_id"].notna().all()
@@ -166,7 +166,7 @@ def test_levels_are_compared_with_their_claims_reference_cell():
     adam = row(matrix, "Adam lr 1e-3", 20)  # an accuracy claim: 75-78% at 20 epochs
     assert adam["reference"] == "20 epochs" and adam["verdict"] == "supported"
     gain = row(matrix, "20 epochs", 20, "C1-gain")
-    assert gain["reference"] == BASELINE_CELL and (gain["epochs"], gain["reference_epochs"]) == (20, 5)
+    assert gain["reference"] == BASELINE_CELL and (gain["budget_epochs"], gain["reference_epochs"]) == (20, 5)
     assert gain["verdict"] == "supported" and "'possible' claim" in gain["note"]
     up_to = row(matrix, "20 epochs", 20, "C1-20")  # 68% mean, claimed up to 75-80%: not supported, maybe not yet refuted
     assert up_to["p_raw"] < 0.05 and up_to["verdict"] in ("contradicted", "inconclusive")
@@ -370,7 +370,7 @@ def test_scaled_matrix_page_shows_the_budget_and_no_verdict(tmp_path):
         assert word not in page
     assert "inert at this budget" in page and "1 of 3 diverged" in page
     csv = pd.read_csv(tmp_path / "matrix.csv")
-    for col in ("epochs", "reference_epochs", "train_images", "claim_epochs", "claim_train_images", "claim_budget_source"):
+    for col in ("budget_epochs", "reference_epochs", "train_images", "claim_epochs", "claim_train_images", "claim_budget_source"):
         assert col in csv.columns
     assert row(csv, "BatchNorm")["train_images"] == 4500
 

@@ -4,8 +4,8 @@ import optuna
 import pytest
 
 from bench.errors import run_cli
-from bench.objective import Attr
 from bench.run import main
+from bench.schema import Attr
 from bench.space import BASELINE, build_space, config_from_params
 
 
@@ -71,7 +71,7 @@ def test_bad_input_is_one_line_and_exit_2(study_args, capsys, extra, message):
 
 
 def test_study_with_another_dataset_is_refused_unless_forced(study_args, tmp_path, capsys):
-    from bench.fixtures import make_image_folder
+    from bench.sample_data import make_image_folder
 
     args, storage = study_args
     assert run(*args, "--trials", "1") == 0
@@ -84,6 +84,6 @@ def test_study_with_another_dataset_is_refused_unless_forced(study_args, tmp_pat
 
 
 def test_space_signature_changes_with_max_epochs():
-    from bench.study import space_signature
+    from bench.storage import space_signature
 
     assert space_signature(build_space(2)) != space_signature(build_space(3))

@@ -9,10 +9,11 @@ import optuna
 import pytest
 
 from bench.packed import shape_signature
-from bench.simulate import SimulatedObjective, accuracy_at, final_accuracy, simulate_search
+from bench.runner import run_packs
+from bench.samplers import create_pruner, create_sampler
+from bench.simulate import SimulatedTrainer, accuracy_at, final_accuracy, simulate_search
 from bench.space import BASELINE, build_space, config_from_params
 from bench.stats import paired_diff
-from bench.study import create_pruner, create_sampler, run_packs
 
 REPEATS, TRIALS = 10, 50
 
@@ -56,7 +57,7 @@ def _study(sampler: str, seed: int = 0):
     space = build_space(30)
     study = optuna.create_study(storage=optuna.storages.InMemoryStorage(), direction="maximize",
                                 sampler=create_sampler(sampler, seed, space), pruner=create_pruner("median", 30))
-    return study, SimulatedObjective(space, landscape=seed)
+    return study, SimulatedTrainer(space, landscape=seed)
 
 
 def _followers(study) -> list[int]:
@@ -65,8 +66,8 @@ def _followers(study) -> list[int]:
 
 
 def test_start_up_trials_stay_random_and_later_ones_bring_followers():
-    study, objective = _study("tpe")
-    run_packs(study, objective, 40, pack=16, per_shape=3, gate=contextlib.nullcontext(), say=lambda line: None)
+    study, trainer = _study("tpe")
+    run_packs(study, trainer, 40, pack=16, per_shape=3, gate=contextlib.nullcontext(), say=lambda line: None)
     followers = _followers(study)
     assert followers and min(followers) >= 10  # TPE's 10 random start-up trials take none
     for number in followers:
@@ -79,8 +80,8 @@ def test_start_up_trials_stay_random_and_later_ones_bring_followers():
 
 
 def test_a_random_search_packed_stays_random_in_every_knob():
-    study, objective = _study("random")
-    stats = run_packs(study, objective, 30, pack=8, per_shape=4, gate=contextlib.nullcontext(), say=lambda line: None)
+    study, trainer = _study("random")
+    stats = run_packs(study, trainer, 30, pack=8, per_shape=4, gate=contextlib.nullcontext(), say=lambda line: None)
     assert not _followers(study) and stats.trials == 30
 
 
@@ -95,16 +96,16 @@ def _states(study) -> dict[str, int]:
 
 
 def test_a_trial_whose_outcome_cannot_be_recorded_fails_alone(monkeypatch):
-    study, objective = _study("random")
-    real = SimulatedObjective.conclude
+    study, trainer = _study("random")
+    real = SimulatedTrainer.conclude
 
     def disk_full_on_trial_2(self, trial, member):
         if trial.number == 2:
             raise OSError(28, "No space left on device")
         return real(self, trial, member)
 
-    monkeypatch.setattr(SimulatedObjective, "conclude", disk_full_on_trial_2)
-    run_packs(study, objective, 8, pack=3, gate=contextlib.nullcontext(), say=lambda line: None)
+    monkeypatch.setattr(SimulatedTrainer, "conclude", disk_full_on_trial_2)
+    run_packs(study, trainer, 8, pack=3, gate=contextlib.nullcontext(), say=lambda line: None)
     assert study.trials[2].state.name == "FAIL" and "No space left" in study.trials[2].user_attrs["fail_reason"]
     counts = _states(study)
     assert "RUNNING" not in counts and counts.get("FAIL") == 1  # its pack-mates went on
@@ -112,29 +113,29 @@ def test_a_trial_whose_outcome_cannot_be_recorded_fails_alone(monkeypatch):
 
 
 def test_a_config_that_cannot_be_built_fails_its_trial_and_the_pack_goes_on(monkeypatch):
-    study, objective = _study("random")
-    real = SimulatedObjective.member
+    study, trainer = _study("random")
+    real = SimulatedTrainer.member
 
-    def fifth_is_broken(self, trial):
+    def fifth_is_broken(self, trial, asked_seconds=0.0):
         if trial.number == 4:
             raise ValueError("bad config")
-        return real(self, trial)
+        return real(self, trial, asked_seconds)
 
-    monkeypatch.setattr(SimulatedObjective, "member", fifth_is_broken)
-    run_packs(study, objective, 8, pack=3, gate=contextlib.nullcontext(), say=lambda line: None)
+    monkeypatch.setattr(SimulatedTrainer, "member", fifth_is_broken)
+    run_packs(study, trainer, 8, pack=3, gate=contextlib.nullcontext(), say=lambda line: None)
     assert study.trials[4].state.name == "FAIL" and study.trials[4].user_attrs["fail_reason"] == "ValueError: bad config"
     assert _states(study).get("FAIL") == 1 and "RUNNING" not in _states(study)
 
 
 def test_an_error_that_ends_the_run_leaves_no_trial_running():
-    study, objective = _study("random")
+    study, trainer = _study("random")
 
     def broken_callback(study, trial):
         if trial.number == 3:
             raise RuntimeError("callback broke")
 
     with pytest.raises(RuntimeError, match="callback broke"):  # a callback's error propagates, as optimize's does
-        run_packs(study, objective, 12, pack=4, gate=contextlib.nullcontext(), callbacks=[broken_callback],
+        run_packs(study, trainer, 12, pack=4, gate=contextlib.nullcontext(), callbacks=[broken_callback],
                   say=lambda line: None)
     assert "RUNNING" not in _states(study)
     failed = [t for t in study.trials if t.state.name == "FAIL"]

@@ -5,6 +5,7 @@ import dataclasses
 import optuna
 import pytest
 
+from bench.samplers import PRUNERS, SAMPLERS, create_pruner, create_sampler
 from bench.space import (
     BASELINE,
     FACTORS,
@@ -18,7 +19,6 @@ from bench.space import (
     preset_config,
     suggest,
 )
-from bench.study import PRUNERS, SAMPLERS, create_pruner, create_sampler
 
 
 def test_every_param_is_a_config_field_with_a_factor():

@@ -5,9 +5,11 @@ import torch
 
 from bench.data import load_image_folder, make_splits
 from bench.design import inert_techniques
+from bench.hardware import resolve_precision
 from bench.models import build_model
+from bench.schedules import member_schedule
 from bench.space import BASELINE, LOSSES, OPTIMIZERS, SCHEDULERS, TrainConfig
-from bench.train import Diverged, FitResult, fit, member_schedule, resolve_precision
+from bench.train import Diverged, FitResult, fit
 
 CPU = torch.device("cpu")
 
@@ -151,7 +153,7 @@ def test_inert_techniques(changes, inert):
 
 def test_onecycle_uses_torchs_lr_from_the_first_step(splits, monkeypatch):
     """Every step's lr equals torch's OneCycleLR sequence, the first included (it starts at max_lr / 25)."""
-    from bench.packed_optim import PackedOptimizer
+    from bench.optimizers import PackedOptimizer
 
     cfg = ONE_EPOCH.replace(epochs=2, scheduler="onecycle", lr=0.01, batch_size=8)
     used, real_step = [], PackedOptimizer.step

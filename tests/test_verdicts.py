@@ -244,7 +244,7 @@ def test_a_seed_that_diverged_once_is_named_and_stops_the_verdict():
 def test_a_finished_trial_without_its_accuracy_is_not_a_number():
     import optuna
 
-    from bench.objective import Attr
+    from bench.schema import Attr
     from bench.space import BASELINE
     from tests.test_report import DISTS, SPACE, add_cell, matrix_of, params_for_config, row
 

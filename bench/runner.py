@@ -1,18 +1,14 @@
-"""Studies: storages, sampler and pruner registries, metadata checks, and the run loop."""
+"""The one study runner: trials asked from a study, trained in packs (a pack of one: solo) and told as they leave."""
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
 import gc
-import hashlib
-import json
-import os
 import time
 import warnings
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import optuna
@@ -21,176 +17,19 @@ from optuna.exceptions import ExperimentalWarning
 from optuna.storages._heartbeat import get_heartbeat_thread  # ask/tell trials need their own heartbeats
 from optuna.trial import FrozenTrial, TrialState
 
-import bench
-from bench.errors import UsageError, redact
-from bench.locks import TrialGate, storage_file
-from bench.objective import Attr, Objective, finished, mark_interrupted
-from bench.packed import SHAPE_FIELDS
-from bench.space import Param, grid_search_space
+from bench.locks import TrialGate
+from bench.objective import TrialTrainer, has_outcome, mark_interrupted
+from bench.samplers import startup_trials
+from bench.schema import Attr
+from bench.space import SHAPE_FIELDS
+from bench.storage import FINISHED
 from bench.train import Member, PackLog
 
 warnings.filterwarnings("ignore", category=ExperimentalWarning)  # heartbeats, TPE groups: used on purpose
 # run_packs asks trials itself and runs a heartbeat thread for each (get_heartbeat_thread), as optimize does
 warnings.filterwarnings("ignore", message="Heartbeat of storage is supposed to be used with Study.optimize")
 
-FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
-STUDIES_DIR = Path("studies")
 MAX_CONSECUTIVE_FAILURES = 3
-
-
-# --- registries -----------------------------------------------------------------------
-
-
-def _tpe(seed: int, space: tuple[Param, ...]) -> optuna.samplers.BaseSampler:
-    # multivariate + group: conditional parameters are modelled jointly with their parents; constant_liar:
-    # trials asked while others run (a pack, other workers) see those as bad results, so a pack is not K
-    # copies of one guess
-    return optuna.samplers.TPESampler(seed=seed, multivariate=True, group=True, n_startup_trials=10, constant_liar=True)
-
-
-def _grid(seed: int, space: tuple[Param, ...]) -> optuna.samplers.BaseSampler:
-    return optuna.samplers.GridSampler(grid_search_space(space), seed=seed)
-
-
-SAMPLERS: dict[str, Callable[[int, tuple[Param, ...]], optuna.samplers.BaseSampler]] = {
-    "tpe": _tpe,
-    "random": lambda seed, space: optuna.samplers.RandomSampler(seed=seed),
-    "cmaes": lambda seed, space: optuna.samplers.CmaEsSampler(seed=seed, warn_independent_sampling=False),
-    "qmc": lambda seed, space: optuna.samplers.QMCSampler(seed=seed, warn_independent_sampling=False),
-    "grid": _grid,
-}
-
-PRUNERS: dict[str, Callable[[int], optuna.pruners.BasePruner]] = {
-    "median": lambda max_epochs: optuna.pruners.MedianPruner(n_startup_trials=5, n_warmup_steps=1),
-    "hyperband": lambda max_epochs: optuna.pruners.HyperbandPruner(min_resource=1, max_resource=max_epochs),
-    "none": lambda max_epochs: optuna.pruners.NopPruner(),
-}
-
-
-def create_sampler(name: str, seed: int, space: tuple[Param, ...]) -> optuna.samplers.BaseSampler:
-    return SAMPLERS[name](seed, space)
-
-
-def create_pruner(name: str, max_epochs: int) -> optuna.pruners.BasePruner:
-    return PRUNERS[name](max_epochs)
-
-
-# --- storage --------------------------------------------------------------------------
-
-
-def default_storage(study_name: str, workers: int = 1) -> str:
-    """SQLite for one worker; Optuna's journal file for several (its FAQ: SQLite is not for parallel writers).
-
-    An existing file decides, so a study keeps its storage whatever --workers says next time.
-    """
-    db, journal = STUDIES_DIR / f"{study_name}.db", STUDIES_DIR / f"{study_name}.journal"
-    if journal.exists() or (workers > 1 and not db.exists()):
-        return f"journal:///{journal}"
-    return f"sqlite:///{db}"
-
-
-def open_storage(url: str, *, heartbeat: bool = True, heartbeat_seconds: int = 30) -> optuna.storages.BaseStorage:
-    """An Optuna storage for `url`; bad URLs and unwritable places become UsageErrors.
-
-    `journal:///PATH` is Optuna's journal file storage; anything else is a SQLAlchemy URL.
-    """
-    shown = redact(url)
-    path = storage_file(url)
-    if path is not None:
-        parent = path.parent if str(path.parent) else Path(".")
-        try:
-            parent.mkdir(parents=True, exist_ok=True)
-        except OSError as exc:
-            raise UsageError(
-                f"cannot create {parent} for the study database ({exc.strerror}); pass --storage with a writable path"
-            ) from None
-        if not os.access(parent, os.W_OK) or (path.exists() and not os.access(path, os.W_OK)):
-            raise UsageError(f"{path} is not writable; make {parent} writable or pass --storage sqlite:///OTHER/PATH.db")
-    if url.startswith("journal:///"):
-        from optuna.storages.journal import JournalFileBackend
-
-        return optuna.storages.JournalStorage(JournalFileBackend(str(path)))
-    if "://" not in url:
-        raise UsageError(f"--storage {shown!r} is not a database URL; use e.g. sqlite:///studies/NAME.db or postgresql://user:pass@host/db")
-    try:
-        kwargs: dict[str, Any] = {}
-        if heartbeat:
-            # a killed worker's trial is failed after the grace period and re-run with its parameters
-            kwargs = dict(heartbeat_interval=heartbeat_seconds, grace_period=3 * heartbeat_seconds,
-                          heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=2))
-        return _create_rdb(url, kwargs)
-    except Exception as exc:
-        message = redact(str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
-        raise UsageError(f"cannot open storage {shown}: {message}; check the URL, the server and the credentials") from None
-
-
-# Two processes opening one new database race in Optuna's schema creation ("table ... already exists",
-# "UNIQUE constraint failed: alembic_version"; 3 of 8 paired opens of a new SQLite file failed here).
-# The loser finds the schema complete a moment later, so it opens again.
-_SCHEMA_RACE = ("already exists", "UNIQUE constraint failed: alembic_version", "duplicate key value")
-
-
-def _create_rdb(url: str, kwargs: dict[str, Any], attempts: int = 3) -> optuna.storages.RDBStorage:
-    for attempt in range(attempts):
-        try:
-            return optuna.storages.RDBStorage(url, engine_kwargs=_engine_kwargs(url), **kwargs)
-        except Exception as exc:
-            if attempt == attempts - 1 or not any(s in str(exc) for s in _SCHEMA_RACE):
-                raise
-            time.sleep(0.2 * (attempt + 1))
-    raise AssertionError("unreachable")
-
-
-def _engine_kwargs(url: str) -> dict[str, Any]:
-    if url.startswith("sqlite"):
-        return {"connect_args": {"timeout": 60}}  # wait for writers instead of 'database is locked'
-    return {"pool_pre_ping": True}
-
-
-# --- study metadata ---------------------------------------------------------------------
-
-
-def space_signature(space: Iterable[Param]) -> str:
-    desc = [(p.name, repr(p.distribution), p.when) for p in space]
-    return hashlib.sha256(json.dumps(desc, default=str).encode()).hexdigest()[:16]
-
-
-@dataclass(frozen=True)
-class StudyMeta:
-    dataset: str
-    space: str
-    image_size: int
-    val_split: float
-    train_subset: int | None
-
-    def as_attrs(self) -> dict[str, Any]:
-        return {f"bench.{k}": v for k, v in self.__dict__.items()} | {"bench.version": bench.__version__}
-
-
-def open_study(name: str, storage: optuna.storages.BaseStorage, *, sampler: optuna.samplers.BaseSampler,
-               pruner: optuna.pruners.BasePruner, meta: StudyMeta, force: bool = False) -> tuple[optuna.Study, bool]:
-    """Create or resume `name`; refuses a study made with another dataset or space unless `force`."""
-    existing = name in {s.study_name for s in optuna.get_all_study_summaries(storage, include_best_trial=False)}
-    study = optuna.create_study(study_name=name, storage=storage, sampler=sampler, pruner=pruner,
-                                direction="maximize", load_if_exists=True)
-    if existing:
-        stored = study.user_attrs
-        for key, value in meta.as_attrs().items():
-            if key in ("bench.version",) or key not in stored or stored[key] == value:
-                continue
-            if not force:
-                raise UsageError(
-                    f"study {name!r} was made with {key.removeprefix('bench.')}={stored[key]!r}, not {value!r}; "
-                    "use another --study-name, or --force to add to it anyway"
-                )
-    else:
-        for key, value in meta.as_attrs().items():
-            study.set_user_attr(key, value)
-    return study, not existing
-
-
-def count_finished(study: optuna.Study) -> int:
-    return len(study.get_trials(deepcopy=False, states=FINISHED))
 
 
 class FailureGuard:
@@ -207,22 +46,6 @@ class FailureGuard:
             self.tripped = True
             with contextlib.suppress(RuntimeError):  # outside study.optimize (run_packs) the runner checks `tripped`
                 study.stop()
-
-
-def fail_orphans(study: optuna.Study, reason: str, *, requeue: bool = True) -> list[int]:
-    """Fail trials left RUNNING by a dead process and (with `requeue`) enqueue each again with the same parameters.
-    A designed matrix does not requeue: it reruns its own cells (bench.matrix.pending) and nothing else."""
-    failed = []
-    for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
-        study.tell(t.number, state=TrialState.FAIL, skip_if_finished=True)
-        if requeue:
-            keep = {k: v for k, v in t.user_attrs.items() if k in (Attr.CELL, Attr.SEED)}
-            study.enqueue_trial(t.params, user_attrs=keep | {"retry_of": t.number})
-        failed.append(t.number)
-    if failed:
-        print(f"trials {failed} were left running by a process that died ({reason}); failed them"
-              + (" and queued their parameters again" if requeue else ""))
-    return failed
 
 
 # --- packs: many trials trained at once --------------------------------------------------
@@ -268,14 +91,6 @@ class PackStats:
                 f"{self.trials} trials")
 
 
-def startup_trials(sampler: optuna.samplers.BaseSampler) -> int | None:
-    """How many trials the sampler draws at random before it models the results; None for samplers that never
-    model them (random, QMC, grid): their packs take no followers, so every trial stays random in every knob."""
-    if isinstance(sampler, optuna.samplers.RandomSampler | optuna.samplers.QMCSampler | optuna.samplers.GridSampler):
-        return None
-    return int(getattr(sampler, "_n_startup_trials", 0))
-
-
 def default_per_shape(trials: int, pack: int) -> int:
     """Members one sampled shape may bring into a pack (itself and its followers). Measured with the search
     simulator (bench.perf --simulate-search, 50 trials, TPE + median, 10 paired repeats): see README "Packs"."""
@@ -285,10 +100,12 @@ def default_per_shape(trials: int, pack: int) -> int:
 class _Runner:
     """Asks, forms, backfills and tells the trials of one run_packs call (state shared by its callbacks)."""
 
-    def __init__(self, study: optuna.Study, objective: Objective, target: int | None, *, gate: TrialGate,
+    def __init__(self, study: optuna.Study, trainer: TrialTrainer, target: int | None, *,
+                 gate: TrialGate | contextlib.AbstractContextManager,
                  deadline: float | None, callbacks: list[Callable[[optuna.Study, FrozenTrial], None]],
-                 guard: FailureGuard, per_shape: int, enqueued_only: bool, capacity: int):
-        self.study, self.objective, self.target, self.gate = study, objective, target, gate
+                 guard: FailureGuard, per_shape: int, enqueued_only: bool, capacity: int,
+                 stop: Callable[[], bool] | None = None):
+        self.study, self.trainer, self.target, self.gate, self.stop = study, trainer, target, gate, stop
         self.deadline, self.callbacks, self.guard = deadline, callbacks, guard
         self.per_shape, self.enqueued_only, self.capacity = per_shape, enqueued_only, capacity
         # id(member) -> (trial, member, heartbeat): asked and not yet told. A member waiting for a retry after an out
@@ -314,6 +131,8 @@ class _Runner:
         if n <= 0:
             return members
         if self.deadline is not None and time.monotonic() >= self.deadline:
+            self.stopped = True
+        if self.stop is not None and self.stop():
             self.stopped = True
         if self.stopped or self.guard.tripped:
             return members
@@ -345,10 +164,11 @@ class _Runner:
                 break
             modelled = self.startup is not None and not follower and not waiting and (
                 len(self.study.get_trials(deepcopy=False, states=FINISHED)) >= self.startup)
+            started = time.perf_counter()
             trial = self.study.ask()
             self.created.append(trial)
             try:
-                member = self.objective.member(trial)
+                member = self.trainer.member(trial, time.perf_counter() - started)
             except Exception as exc:  # a config that cannot be built fails its trial, as optimize(catch=...) did
                 self._fail_unbuilt(trial, f"{type(exc).__name__}: {exc}")
                 continue
@@ -397,7 +217,7 @@ class _Runner:
         """The member left its pack: record it and tell Optuna (its callbacks' errors propagate, as optimize's do)."""
         trial, _, beat = self.live[id(member)]
         try:
-            state, value = self.objective.conclude(trial, member)
+            state, value = self.trainer.conclude(trial, member)
         except Exception as exc:  # recording the outcome failed (a full disk under the checkpoint): this trial fails
             member.error = exc
             reason = f"{type(exc).__name__}: {exc}"
@@ -418,7 +238,7 @@ class _Runner:
     def tell_all(self, error: Exception | None = None) -> None:
         """Tell every member still live: finished ones with their outcome, the others failed with `error`."""
         for _, member, _ in list(self.live.values()):
-            if error is not None and not finished(member):
+            if error is not None and not has_outcome(member):
                 member.error = error
             self.retry = [m for m in self.retry if m is not member]
             self.tell(member)
@@ -427,18 +247,18 @@ class _Runner:
         """The pack ran out of memory: members that left keep their outcome; the others start again in packs of half
         the size, or (alone) fail with the message."""
         for _, member, _ in list(self.live.values()):
-            if finished(member):
+            if has_outcome(member):
                 self.tell(member)
         waiting = {id(m) for m in self.retry}  # from an earlier out of memory, not trained in this pack yet
         unfinished = [m for _, m, _ in self.live.values() if id(m) not in waiting]
         if self.capacity == 1:
-            self.objective.out_of_memory(unfinished, message)
+            self.trainer.out_of_memory(unfinished, message)
             self.tell_all()
             return
         half = self.capacity // 2
         say(f"out of memory with a pack of {self.capacity}: halving it to {half} and retrying its unfinished members")
         for m in unfinished:
-            self.objective.rebuild(m)
+            self.trainer.rebuild(m)
         self.retry = unfinished + self.retry
         self.capacity = half
         self.free_slots = list(range(half))
@@ -456,25 +276,29 @@ class _Runner:
             self._fail_unbuilt(trial, "interrupted" if interrupted else f"{type(error).__name__}: {error}")
 
 
-def run_packs(study: optuna.Study, objective: Objective, target: int | None, *, pack: int, gate: TrialGate,
+def run_packs(study: optuna.Study, trainer: TrialTrainer, target: int | None, *, pack: int = 1,
+              gate: TrialGate | contextlib.AbstractContextManager | None = None,
               timeout: float | None = None, callbacks: Iterable[Callable[[optuna.Study, FrozenTrial], None]] = (),
               guard: FailureGuard | None = None, per_shape: int | None = None, enqueued_only: bool = False,
-              say: Callable[[str], None] = print) -> PackStats:
+              say: Callable[[str], None] = print, stop: Callable[[], bool] | None = None) -> PackStats:
     """The one study runner: trials train `pack` at a time (1: solo), until the study holds `target` finished or
     running ones (exactly, across workers: asked under `gate`) or `timeout` seconds have passed (running trials then
     finish). A trial is told the moment it leaves its pack, and its slot is refilled at the next epoch boundary by
     a newly asked trial, so packs stay full under pruning. `target=None` or `enqueued_only`: only WAITING trials
     are taken, never a sampled one (the designed matrix). `per_shape`: members one sampled shape may bring into a
-    pack (default_per_shape). Out of memory halves the pack and retries its unfinished members; whatever ends the
-    run (Ctrl-C, an error), every trial it asked is told."""
+    pack (default_per_shape). `stop`: once it returns true no new trial is asked (running ones finish): a budget
+    that is not a trial count, such as bench.compare's epochs. Out of memory halves the pack and retries its
+    unfinished members; whatever ends the run (Ctrl-C, an error), every trial it asked is told."""
     deadline = None if timeout is None else time.monotonic() + timeout
+    gate = contextlib.nullcontext() if gate is None else gate  # one process on its own study: nothing to share
     callbacks = list(callbacks)
     if guard is None:  # failures never count toward the budget: without a guard, a broken set-up would ask forever
         guard = FailureGuard()
         callbacks.append(guard)
     per_shape = per_shape or default_per_shape(target or pack, pack)
-    runner = _Runner(study, objective, target, gate=gate, deadline=deadline, callbacks=callbacks, guard=guard,
-                     per_shape=per_shape, enqueued_only=enqueued_only or target is None, capacity=pack)
+    runner = _Runner(study, trainer, target, gate=gate, deadline=deadline, callbacks=callbacks, guard=guard,
+                     per_shape=per_shape, enqueued_only=enqueued_only or target is None, capacity=pack,
+                     stop=stop)
     stats = PackStats()
     try:
         while not guard.tripped:
@@ -483,7 +307,7 @@ def run_packs(study: optuna.Study, objective: Objective, target: int | None, *, 
                 break
             message = None
             try:
-                log = objective.train(members, capacity=runner.capacity, refill=runner.ask, on_leave=runner.tell)
+                log = trainer.train(members, capacity=runner.capacity, refill=runner.ask, on_leave=runner.tell)
             except torch.OutOfMemoryError as exc:
                 message = f"out of memory: {str(exc).splitlines()[0] if str(exc) else 'device memory'}"
             # outside the except block: the failed pack's frames (and tensors) are gone before anything is retried

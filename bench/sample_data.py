@@ -1,4 +1,4 @@
-"""`python -m bench.fixtures DIR`: write a small, learnable ImageFolder tree (smoke runs, demos)."""
+"""`python -m bench.sample_data DIR`: write a small, learnable ImageFolder tree (smoke runs, demos)."""
 
 from __future__ import annotations
 
@@ -32,7 +32,7 @@ def make_image_folder(root: Path, *, size: tuple[int, int] = (32, 32), mode: str
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m bench.fixtures", description=__doc__)
+    parser = argparse.ArgumentParser(prog="python -m bench.sample_data", description=__doc__)
     parser.add_argument("root", type=Path)
     parser.add_argument("--per-class", type=int, default=40)
     args = parser.parse_args(argv)

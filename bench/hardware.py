@@ -1,0 +1,66 @@
+"""The device a run trains on, its precision and determinism, and what counts as running out of its memory."""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+
+from bench.errors import UsageError
+
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+
+# cuDNN and cuBLAS report a failed workspace allocation as a plain RuntimeError, not torch.OutOfMemoryError
+_ALLOCATION_FAILURES = ("CUDNN_STATUS_ALLOC_FAILED", "CUBLAS_STATUS_ALLOC_FAILED", "CUDA out of memory",
+                        "CUDNN_STATUS_NOT_ENOUGH_WORKSPACE")
+
+
+def is_out_of_memory(exc: BaseException) -> bool:
+    return isinstance(exc, torch.OutOfMemoryError) or (
+        isinstance(exc, RuntimeError) and any(s in str(exc) for s in _ALLOCATION_FAILURES))
+
+
+def resolve_device(name: str = "auto") -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise UsageError(f"--device {name!r} is not a device; use auto, cpu, cuda or cuda:N") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UsageError(f"--device {name} was asked for but no CUDA device is available; use --device cpu or auto")
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        raise UsageError(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    return device
+
+
+def cpu_supports_bf16() -> bool:
+    # oneDNN's own check: true on CPUs with AVX512-BF16 or AMX (this project's 2-core EPYC has it).
+    return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+
+
+def resolve_precision(precision: str, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype, or None for plain fp32."""
+    if precision == "auto":
+        if device.type == "cuda":
+            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return torch.bfloat16 if device.type == "cpu" and cpu_supports_bf16() else None
+    return {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+
+
+def configure_determinism(device: torch.device, deterministic: bool) -> None:
+    """cuDNN autotuning (fast) or deterministic algorithms (two runs of one seed agree bit for bit on CUDA).
+    A CPU run is deterministic either way. CUBLAS_WORKSPACE_CONFIG must be set before CUDA starts (bench.run does)."""
+    if device.type != "cuda":
+        return
+    torch.backends.cudnn.benchmark = not deterministic
+    torch.backends.cudnn.deterministic = deterministic
+    # strict: an operation without a deterministic CUDA kernel raises instead of warning, so a run that says it is
+    # deterministic is (the loss avoids cross_entropy's NLL kernel, which has none: bench.losses.PackLoss(fused=False))
+    torch.use_deterministic_algorithms(deterministic)
+
+
+def autocast(device: torch.device, dtype: torch.dtype | None) -> contextlib.AbstractContextManager:
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=dtype)

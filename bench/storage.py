@@ -1,0 +1,172 @@
+"""Storages and stored studies: opening any Optuna storage, the metadata a study must keep across runs, loading an
+existing study, and the trials a dead process left behind. No torch here: the report and predict read studies."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import optuna
+from optuna.trial import TrialState
+
+import bench
+from bench.errors import UsageError, redact
+from bench.locks import storage_file
+from bench.schema import Attr, StudyAttr
+from bench.space import Param
+
+FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
+STUDIES_DIR = Path("studies")
+
+
+# --- storage --------------------------------------------------------------------------
+
+
+def default_storage(study_name: str, workers: int = 1) -> str:
+    """SQLite for one worker; Optuna's journal file for several (its FAQ: SQLite is not for parallel writers).
+
+    An existing file decides, so a study keeps its storage whatever --workers says next time.
+    """
+    db, journal = STUDIES_DIR / f"{study_name}.db", STUDIES_DIR / f"{study_name}.journal"
+    if journal.exists() or (workers > 1 and not db.exists()):
+        return f"journal:///{journal}"
+    return f"sqlite:///{db}"
+
+
+def open_storage(url: str, *, heartbeat: bool = True, heartbeat_seconds: int = 30) -> optuna.storages.BaseStorage:
+    """An Optuna storage for `url`; bad URLs and unwritable places become UsageErrors.
+
+    `journal:///PATH` is Optuna's journal file storage; anything else is a SQLAlchemy URL.
+    """
+    shown = redact(url)
+    path = storage_file(url)
+    if path is not None:
+        parent = path.parent if str(path.parent) else Path(".")
+        try:
+            parent.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise UsageError(
+                f"cannot create {parent} for the study database ({exc.strerror}); pass --storage with a writable path"
+            ) from None
+        if not os.access(parent, os.W_OK) or (path.exists() and not os.access(path, os.W_OK)):
+            raise UsageError(f"{path} is not writable; make {parent} writable or pass --storage sqlite:///OTHER/PATH.db")
+    if url.startswith("journal:///"):
+        from optuna.storages.journal import JournalFileBackend
+
+        return optuna.storages.JournalStorage(JournalFileBackend(str(path)))
+    if "://" not in url:
+        raise UsageError(f"--storage {shown!r} is not a database URL; use e.g. sqlite:///studies/NAME.db or postgresql://user:pass@host/db")
+    try:
+        kwargs: dict[str, Any] = {}
+        if heartbeat:
+            # a killed worker's trial is failed after the grace period and re-run with its parameters
+            kwargs = dict(heartbeat_interval=heartbeat_seconds, grace_period=3 * heartbeat_seconds,
+                          heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=2))
+        return _create_rdb(url, kwargs)
+    except Exception as exc:
+        message = redact(str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
+        raise UsageError(f"cannot open storage {shown}: {message}; check the URL, the server and the credentials") from None
+
+
+# Two processes opening one new database race in Optuna's schema creation ("table ... already exists",
+# "UNIQUE constraint failed: alembic_version"; 3 of 8 paired opens of a new SQLite file failed here).
+# The loser finds the schema complete a moment later, so it opens again.
+_SCHEMA_RACE = ("already exists", "UNIQUE constraint failed: alembic_version", "duplicate key value")
+
+
+def _create_rdb(url: str, kwargs: dict[str, Any], attempts: int = 3) -> optuna.storages.RDBStorage:
+    for attempt in range(attempts):
+        try:
+            return optuna.storages.RDBStorage(url, engine_kwargs=_engine_kwargs(url), **kwargs)
+        except Exception as exc:
+            if attempt == attempts - 1 or not any(s in str(exc) for s in _SCHEMA_RACE):
+                raise
+            time.sleep(0.2 * (attempt + 1))
+    raise AssertionError("unreachable")
+
+
+def _engine_kwargs(url: str) -> dict[str, Any]:
+    if url.startswith("sqlite"):
+        return {"connect_args": {"timeout": 60}}  # wait for writers instead of 'database is locked'
+    return {"pool_pre_ping": True}
+
+
+def load_existing_study(name: str, storage_url: str | None) -> tuple[optuna.Study, optuna.storages.BaseStorage]:
+    url = storage_url or default_storage(name)
+    path = storage_file(url)
+    if path is not None and not path.exists():
+        raise UsageError(f"no study database at {path}; run `python -m bench.run --study-name {name}` first or pass --storage")
+    storage = open_storage(url, heartbeat=False)
+    try:
+        return optuna.load_study(study_name=name, storage=storage), storage
+    except KeyError:
+        names = ", ".join(s.study_name for s in optuna.get_all_study_summaries(storage, include_best_trial=False))
+        raise UsageError(f"study {name!r} not found in {redact(url)} (it holds: {names or 'no studies'}); check --study") from None
+
+
+# --- study metadata ---------------------------------------------------------------------
+
+
+def space_signature(space: Iterable[Param]) -> str:
+    desc = [(p.name, repr(p.distribution), p.when) for p in space]
+    return hashlib.sha256(json.dumps(desc, default=str).encode()).hexdigest()[:16]
+
+
+@dataclass(frozen=True)
+class StudyMeta:
+    dataset: str
+    space: str
+    image_size: int
+    val_split: float
+    train_subset: int | None
+
+    def as_attrs(self) -> dict[str, Any]:
+        return {StudyAttr.PREFIX + k: v for k, v in self.__dict__.items()} | {StudyAttr.VERSION: bench.__version__}
+
+
+def open_study(name: str, storage: optuna.storages.BaseStorage, *, sampler: optuna.samplers.BaseSampler,
+               pruner: optuna.pruners.BasePruner, meta: StudyMeta, force: bool = False) -> tuple[optuna.Study, bool]:
+    """Create or resume `name`; refuses a study made with another dataset or space unless `force`."""
+    existing = name in {s.study_name for s in optuna.get_all_study_summaries(storage, include_best_trial=False)}
+    study = optuna.create_study(study_name=name, storage=storage, sampler=sampler, pruner=pruner,
+                                direction="maximize", load_if_exists=True)
+    if existing:
+        stored = study.user_attrs
+        for key, value in meta.as_attrs().items():
+            if key in (StudyAttr.VERSION,) or key not in stored or stored[key] == value:
+                continue
+            if not force:
+                raise UsageError(
+                    f"study {name!r} was made with {key.removeprefix(StudyAttr.PREFIX)}={stored[key]!r}, not {value!r}; "
+                    "use another --study-name, or --force to add to it anyway"
+                )
+    else:
+        for key, value in meta.as_attrs().items():
+            study.set_user_attr(key, value)
+    return study, not existing
+
+
+def count_finished(study: optuna.Study) -> int:
+    return len(study.get_trials(deepcopy=False, states=FINISHED))
+
+
+def fail_orphans(study: optuna.Study, reason: str, *, requeue: bool = True) -> list[int]:
+    """Fail trials left RUNNING by a dead process and (with `requeue`) enqueue each again with the same parameters.
+    A designed matrix does not requeue: it reruns its own cells (bench.matrix.pending) and nothing else."""
+    failed = []
+    for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+        study.tell(t.number, state=TrialState.FAIL, skip_if_finished=True)
+        if requeue:
+            keep = {k: v for k, v in t.user_attrs.items() if k in (Attr.CELL, Attr.SEED)}
+            study.enqueue_trial(t.params, user_attrs=keep | {Attr.RETRY_OF: t.number})
+        failed.append(t.number)
+    if failed:
+        print(f"trials {failed} were left running by a process that died ({reason}); failed them"
+              + (" and queued their parameters again" if requeue else ""))
+    return failed

@@ -1,0 +1,85 @@
+"""bench.compare: arms x paired repeats as studies in one storage, an epoch budget, resume, and replay."""
+
+from __future__ import annotations
+
+import optuna
+import pytest
+
+import bench.compare
+from bench.compare import Arm, default_evaluations, epochs_consumed, main, parse_arms
+from bench.comparison import analyse
+from bench.errors import UsageError, run_cli
+from bench.schema import Attr, StudyAttr
+from tests.test_replay import CONFIGS, make_table
+
+
+@pytest.fixture(autouse=True)
+def quiet():
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+
+
+def _studies(storage: str) -> dict[str, optuna.Study]:
+    names = [s.study_name for s in optuna.get_all_study_summaries(storage, include_best_trial=False)]
+    return {n: optuna.load_study(study_name=n, storage=storage) for n in names}
+
+
+def test_arms_parse_and_bad_ones_are_refused():
+    assert parse_arms("tpe,random+median, cmaes+hyperband") == [Arm("tpe"), Arm("random", "median"), Arm("cmaes", "hyperband")]
+    assert Arm("random", "median").name == "random+median" and Arm("tpe").name == "tpe"
+    for bad in ("tpe,tpe", "grid", "tpe+sometimes", "annealing"):
+        with pytest.raises(UsageError):
+            parse_arms(bad)
+    assert default_evaluations(1) == 60 and default_evaluations(30) == 240  # ceil(20 + 40 sqrt(d))
+
+
+def test_a_replayed_comparison_is_paired_within_budget_and_resumes(tmp_path, capsys):
+    make_table(CONFIGS, seeds=3).save(tmp_path / "table")
+    storage = f"sqlite:///{tmp_path / 'c.db'}"
+    args = ["--name", "c", "--storage", storage, "--arms", "random,random+median,tpe", "--repeats", "3", "--trials", "4",
+            "--replay", str(tmp_path / "table")]
+    assert run_cli(main, args) == 0
+    studies = _studies(storage)
+    assert len(studies) == 9
+    for name, study in studies.items():
+        a = study.user_attrs
+        assert a[StudyAttr.COMPARE] == "c" and a[StudyAttr.BUDGET_EPOCHS] == 12 and str(tmp_path) in a[StudyAttr.REPLAY]
+        assert name == f"c.{a[StudyAttr.ARM]}.r{a[StudyAttr.REPEAT]}"
+        consumed = epochs_consumed(study)
+        assert 12 <= consumed < 12 + 3  # stops asking at the budget; the last trial may run past it
+        assert all(Attr.SAMPLER_SECONDS in t.user_attrs for t in study.trials)
+    for r in range(3):  # paired: the same sampler seed in every arm, so random and random+median start alike
+        first = [studies[f"c.{arm}.r{r}"].trials[0].params for arm in ("random", "random+median")]
+        assert first[0] == first[1]
+    assert studies["c.random.r0"].trials[0].params != studies["c.random.r1"].trials[0].params
+    frames = analyse(storage, "c")
+    assert frames.trials["replayed"].all() and set(frames.summary["arm"]) == {"random", "random+median", "tpe"}
+    before = {n: len(s.trials) for n, s in studies.items()}
+    assert run_cli(main, args) == 0  # done: nothing more to run
+    assert {n: len(s.trials) for n, s in _studies(storage).items()} == before
+
+
+def test_a_live_comparison_trains_resumes_after_an_interrupt_and_refuses_bad_input(rgb_folder, cache_dir, tmp_path,
+                                                                                  monkeypatch, capsys):
+    storage = f"sqlite:///{tmp_path / 'live.db'}"
+    args = ["--name", "live", "--storage", storage, "--arms", "random,tpe+median", "--repeats", "2", "--trials", "2",
+            "--max-epochs", "1", "--dataset", str(rgb_folder), "--cache-dir", str(cache_dir), "--val-split", "0.25",
+            "--device", "cpu", "--precision", "fp32", "--quiet"]
+    real, calls = bench.compare.run_packs, []
+
+    def interrupted_on_the_third(*a, **k):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return real(*a, **k)
+
+    monkeypatch.setattr(bench.compare, "run_packs", interrupted_on_the_third)
+    assert run_cli(main, args) == 130
+    assert "rerun the same command" in capsys.readouterr().err
+    monkeypatch.setattr(bench.compare, "run_packs", real)
+    assert run_cli(main, args) == 0
+    studies = _studies(storage)
+    assert len(studies) == 4 and all(epochs_consumed(s) >= 2 for s in studies.values())
+    assert all(t.user_attrs[Attr.EPOCHS_RUN] == 1 for s in studies.values() for t in s.trials)  # epochs fixed, not searched
+    out = capsys.readouterr().out
+    assert "random r1 trial" in out and "bench.report --compare live" in out
+    assert run_cli(main, [*args, "--arms", "tpe+sometimes"]) == 2

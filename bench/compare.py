@@ -37,7 +37,7 @@ from bench.cli import (
 )
 from bench.errors import UsageError, redact, run_cli
 from bench.hardware import resolve_device
-from bench.locks import RunLock
+from bench.locks import RunLock, storage_file
 from bench.objective import TrialSettings, TrialTrainer
 from bench.replay import ReplayTrainer, load_table
 from bench.runner import FailureGuard, run_packs
@@ -158,8 +158,12 @@ def main(argv: Sequence[str] | None = None) -> int:
                 record_budget(study, splits)
             if epochs_consumed(study) >= budget:
                 continue
-            if RunLock(storage_url, name).try_acquire():  # nobody else runs it: RUNNING trials are orphans
-                fail_orphans(study, "found running at start", requeue=False)
+            lock = RunLock(storage_url, name)  # held while this process runs the study (released when it is done)
+            if storage_file(storage_url) is not None:
+                if not lock.try_acquire():
+                    print(f"{name}: another process is running it; skipped (rerun to finish it after that one)", flush=True)
+                    continue
+                fail_orphans(study, "found running at start", requeue=False)  # nobody else runs it: they are orphans
             seed = args.seed + repeat * REPEAT_SEED_STRIDE
             if replay:
                 trainer: TrialTrainer = ReplayTrainer(table, space, repeat=repeat, seed=seed)
@@ -178,6 +182,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                 print("interrupted: the running trials are recorded as failed (interrupted); rerun the same command "
                       "to resume the comparison", file=sys.stderr)
                 return INTERRUPTED_EXIT
+            finally:
+                lock.release()
             print(study_line(arm, repeat, study), flush=True)
             if guard.tripped:
                 print(f"error: {guard.limit} trials in a row failed in {name}; the last reason: "

@@ -83,3 +83,23 @@ def test_a_live_comparison_trains_resumes_after_an_interrupt_and_refuses_bad_inp
     out = capsys.readouterr().out
     assert "random r1 trial" in out and "bench.report --compare live" in out
     assert run_cli(main, [*args, "--arms", "tpe+sometimes"]) == 2
+
+
+def test_a_study_another_process_runs_is_left_to_it(tmp_path, capsys):
+    from bench.locks import RunLock
+
+    make_table(CONFIGS, seeds=2).save(tmp_path / "table")
+    storage = f"sqlite:///{tmp_path / 'c.db'}"
+    held = RunLock(storage, "c.tpe.r0")
+    assert held.try_acquire()  # as another compare process running that study would hold it
+    try:
+        args = ["--name", "c", "--storage", storage, "--arms", "random,tpe", "--repeats", "1", "--trials", "3",
+                "--replay", str(tmp_path / "table")]
+        assert run_cli(main, args) == 0
+        assert "c.tpe.r0: another process is running it; skipped" in capsys.readouterr().out
+        studies = _studies(storage)
+        assert not studies["c.tpe.r0"].trials and epochs_consumed(studies["c.random.r0"]) >= 9
+    finally:
+        held.release()
+    assert run_cli(main, args) == 0  # that process gone: the study is run
+    assert epochs_consumed(_studies(storage)["c.tpe.r0"]) >= 9

@@ -34,7 +34,7 @@ from bench.comparison import (  # noqa: E402
 )
 from bench.errors import UsageError  # noqa: E402
 from bench.locks import storage_file  # noqa: E402
-from bench.storage import STUDIES_DIR, open_storage  # noqa: E402
+from bench.storage import compare_storage, open_storage  # noqa: E402
 
 Figure = matplotlib.figure.Figure
 DASH = "\u2014"
@@ -334,9 +334,9 @@ def write_compare_report(storage: str | optuna.storages.BaseStorage, name: str, 
 
 
 def open_compare_storage(name: str, storage_url: str | None) -> optuna.storages.BaseStorage:
-    """The storage of comparison `name` (default: bench.compare's, studies/compare-NAME.db); a missing file is a
+    """The storage of comparison `name` (default: bench.compare's, studies/compare-NAME.journal); a missing file is a
     UsageError instead of a new empty database."""
-    url = storage_url or f"sqlite:///{STUDIES_DIR / f'compare-{name}.db'}"
+    url = storage_url or compare_storage(name)
     path = storage_file(url)
     if path is not None and not path.exists():
         raise UsageError(f"no comparison database at {path}; run `python -m bench.compare` first or pass --storage")

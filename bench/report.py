@@ -536,7 +536,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--against", metavar="NAME", help="with --compare: a replay of the same arms (in the same storage) to "
                         "check against: each arm's final median within the other's band, Kendall's tau of the ranks")
     which.add_argument("--compare", metavar="NAME", help="a comparison of searches (bench.compare) instead of a study: "
-                       "anytime curves, ranks and paired tests per arm (default --storage sqlite:///studies/compare-NAME.db, "
+                       "anytime curves, ranks and paired tests per arm (default --storage journal:///studies/compare-NAME.journal, "
                        "--out reports/compare-NAME; --format does not apply: the page and its CSVs are written)")
     parser.add_argument("--storage", default=None, help="SQLAlchemy URL (default: sqlite:///studies/<study>.db)")
     parser.add_argument("--out", default=None, help="output directory (default: reports/<study>)")

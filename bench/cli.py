@@ -24,6 +24,12 @@ INTERRUPTED_EXIT = 130
 AUTO_PACK_CUDA = 32
 
 
+def duration(seconds: float) -> str:
+    """A long run's time in words: minutes, or hours and minutes."""
+    minutes = round(seconds / 60)
+    return f"{minutes // 60} h {minutes % 60:02d} min" if minutes >= 60 else f"{minutes} min"
+
+
 def pack_size(text: str) -> int | str:
     if text == "auto":
         return text

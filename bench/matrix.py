@@ -28,6 +28,7 @@ from bench.cli import (
     INTERRUPTED_EXIT,
     add_data_args,
     add_study_args,
+    duration,
     load_data_args,
     pack_size,
     print_summary,
@@ -83,11 +84,6 @@ def describe(cells: Sequence[Cell], train_images: int, done: int) -> list[str]:
     return lines
 
 
-def _duration(seconds: float) -> str:
-    minutes = round(seconds / 60)
-    return f"{minutes // 60} h {minutes % 60:02d} min" if minutes >= 60 else f"{minutes} min"
-
-
 class Progress:
     """Overall progress of the design: trials settled, training images done, and the time left at this run's pace."""
 
@@ -106,7 +102,7 @@ class Progress:
         total = sum(c.config.epochs for c in self.cells) * self.train_images
         elapsed = time.monotonic() - self.started
         pace = (images - self.images_at_start) / elapsed if elapsed > 0 else 0.0
-        left = f", about {_duration((total - images) / pace)} left at {pace:,.0f} images/s" if pace > 0 and images < total else ""
+        left = f", about {duration((total - images) / pace)} left at {pace:,.0f} images/s" if pace > 0 and images < total else ""
         return (f"[matrix] {done} of {len(self.cells)} trials done, {images / 1e6:.1f}M of {total / 1e6:.1f}M "
                 f"training images{left}")
 

@@ -11,7 +11,7 @@ import math
 import os
 import socket
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import optuna
@@ -198,6 +198,12 @@ class AnsweringTrainer(TrialTrainer):
     slots are refilled at epoch boundaries, so the runner sees exactly what a real pack would show it."""
 
     train_images = 0  # images of one answered epoch (images per second are derived from it; 0: not known)
+
+    def __init__(self, space: Sequence[Param], *, seed: int = 0, grid_only: bool = False):
+        self.space = tuple(space)
+        self.settings = TrialSettings(device="cpu", seed=seed, progress=False, grid_only=grid_only)
+        self.device = torch.device("cpu")
+        self.on_model = None  # nothing trained: no weights to keep
 
     def answer(self, member: Member, epoch: int) -> tuple[float, float, float]:
         """The member's `epoch`: (train loss, validation accuracy, seconds); a non-finite loss means it diverged."""

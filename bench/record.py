@@ -31,6 +31,7 @@ from optuna.trial import FrozenTrial, TrialState
 from bench.cli import (
     INTERRUPTED_EXIT,
     add_data_args,
+    duration,
     load_data_args,
     pack_size,
     positive_int,
@@ -134,10 +135,7 @@ def covered(study: optuna.Study, free: tuple[Param, ...], fixed: dict[str, Any])
 
 
 def _duration(seconds: float) -> str:
-    if seconds < 120:
-        return f"{seconds:.1f} s"
-    minutes = round(seconds / 60)
-    return f"{minutes // 60} h {minutes % 60:02d} min" if minutes >= 60 else f"{minutes} min"
+    return f"{seconds:.1f} s" if seconds < 120 else duration(seconds)  # a tiny recording in seconds
 
 
 def write_table(table: RecordedTable, out: Path) -> str:

@@ -18,10 +18,9 @@ from dataclasses import dataclass
 
 import numpy as np
 import optuna
-import torch
 from optuna.distributions import FloatDistribution, IntDistribution
 
-from bench.objective import AnsweringTrainer, TrialSettings
+from bench.objective import AnsweringTrainer
 from bench.schema import Attr
 from bench.space import Param
 from bench.table import RecordedTable, active_params, config_key, load_table
@@ -132,10 +131,8 @@ class ReplayTrainer(AnsweringTrainer):
 
     def __init__(self, table: RecordedTable, space: Sequence[Param], *, repeat: int, seed: int = 0,
                  grid_only: bool = False):
-        self.table, self.space, self.repeat = table, tuple(space), repeat
-        self.settings = TrialSettings(device="cpu", seed=seed, progress=False, grid_only=grid_only)
-        self.device = torch.device("cpu")
-        self.on_model = None
+        super().__init__(space, seed=seed, grid_only=grid_only)
+        self.table, self.repeat = table, repeat
         self.lookup = Lookup(table)
         self.train_images = table.train_images
 

@@ -20,9 +20,8 @@ from dataclasses import dataclass
 
 import numpy as np
 import optuna
-import torch
 
-from bench.objective import AnsweringTrainer, TrialSettings
+from bench.objective import AnsweringTrainer
 from bench.packed import shape_signature
 from bench.runner import run_packs
 from bench.samplers import create_pruner, create_sampler
@@ -79,10 +78,8 @@ class SimulatedTrainer(AnsweringTrainer):
     trainer's own."""
 
     def __init__(self, space: tuple, landscape: int, seed: int = 0, grid_only: bool = False):
-        self.space, self.landscape, self.grid_only = space, landscape, grid_only
-        self.settings = TrialSettings(device="cpu", seed=seed, progress=False, grid_only=grid_only)
-        self.device = torch.device("cpu")
-        self.on_model = None
+        super().__init__(space, seed=seed, grid_only=grid_only)
+        self.landscape = landscape
 
     def member(self, trial: optuna.Trial, asked_seconds: float = 0.0) -> Member:
         cfg = self.suggest_config(trial, asked_seconds)

@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from bench import space
+from bench.hardware import pack_runs_per_member
 from bench.registry import lookup, registry
 from bench.space import TrainConfig
 
@@ -103,8 +104,13 @@ class PackLoss:
         first = kinds[0]
         one = fused and first.fused and len(self.groups) == 1 and len(set(knobs)) == 1
         self.fused_config = configs[0] if one else None
+        # on CPU each member's loss is its pack-of-one loss, computed alone (bench.hardware.pack_runs_per_member)
+        self.alone = ([PackLoss([c], device, fused) for c in configs]
+                      if len(configs) > 1 and pack_runs_per_member(device) else None)
 
     def __call__(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        if self.alone is not None:
+            return torch.cat([loss(logits[k:k + 1], target[k:k + 1]) for k, loss in enumerate(self.alone)])
         if self.fused_config is not None:  # one kind, one knob value (a pack of one always): torch's kernel
             kind = next(iter(self.groups))
             k, b, c = logits.shape

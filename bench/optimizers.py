@@ -17,6 +17,7 @@ from typing import NamedTuple
 import torch
 
 from bench import space
+from bench.hardware import pack_runs_per_member
 from bench.packed import compact_tensor
 from bench.registry import lookup, registry
 from bench.space import TrainConfig
@@ -38,9 +39,10 @@ class Hyper(NamedTuple):
     momentum: Number
 
 
-# an update family: (optimizer, member view of the parameter, of its gradient, state, broadcast shape, Hyper, out);
+# an update family: (the members' hyperparameters and flags, member view of the parameter, of its gradient, state,
+# broadcast shape, Hyper, out);
 # `out` is the parameter itself (updated in place) or a zero delta buffer the family adds its update to
-Update = Callable[["PackedOptimizer", torch.Tensor, torch.Tensor, dict, tuple[int, ...], Hyper, torch.Tensor], None]
+Update = Callable[["Members", torch.Tensor, torch.Tensor, dict, tuple[int, ...], Hyper, torch.Tensor], None]
 
 
 @dataclass(frozen=True)
@@ -71,13 +73,13 @@ def _apply(out: torch.Tensor, update: torch.Tensor, coef: Number) -> None:
         out.addcmul_(update, coef)
 
 
-def _with_l2(opt: PackedOptimizer, p: torch.Tensor, g: torch.Tensor, wd: Number) -> torch.Tensor:
+def _with_l2(opt: Members, p: torch.Tensor, g: torch.Tensor, wd: Number) -> torch.Tensor:
     if not opt.any_decay:
         return g
     return g.add(p, alpha=wd) if isinstance(wd, float) else g + wd * p
 
 
-def _adam(opt: PackedOptimizer, p: torch.Tensor, g: torch.Tensor, state: dict, shape: tuple[int, ...], hp: Hyper,
+def _adam(opt: Members, p: torch.Tensor, g: torch.Tensor, state: dict, shape: tuple[int, ...], hp: Hyper,
           out: torch.Tensor) -> None:
     """Adam (L2 in the gradient) and AdamW (decoupled decay)."""
     b1, b2 = ADAM_BETAS
@@ -107,7 +109,7 @@ def _adam(opt: PackedOptimizer, p: torch.Tensor, g: torch.Tensor, state: dict, s
         out.addcmul_(m / denom, lr / bias1, value=-1.0)
 
 
-def _sgd(opt: PackedOptimizer, p: torch.Tensor, g: torch.Tensor, state: dict, shape: tuple[int, ...], hp: Hyper,
+def _sgd(opt: Members, p: torch.Tensor, g: torch.Tensor, state: dict, shape: tuple[int, ...], hp: Hyper,
          out: torch.Tensor) -> None:
     lr, mom = hp.lr, hp.momentum
     g = _with_l2(opt, p, g, hp.decay)
@@ -121,7 +123,7 @@ def _sgd(opt: PackedOptimizer, p: torch.Tensor, g: torch.Tensor, state: dict, sh
     _apply(out, buf, -lr)
 
 
-def _rmsprop(opt: PackedOptimizer, p: torch.Tensor, g: torch.Tensor, state: dict, shape: tuple[int, ...], hp: Hyper,
+def _rmsprop(opt: Members, p: torch.Tensor, g: torch.Tensor, state: dict, shape: tuple[int, ...], hp: Hyper,
              out: torch.Tensor) -> None:
     lr, mom = hp.lr, hp.momentum
     g = _with_l2(opt, p, g, hp.decay)
@@ -177,74 +179,114 @@ class PerMember:
         return self.tensor.view(shape) if self.shared is None else self.shared
 
 
+class Members:
+    """A pack's members as an update family reads them: per-member hyperparameters, the Python-side facts that let an
+    update skip terms no member uses (so it never reads a tensor back: no device sync), and each member's own step
+    count (Adam's bias correction: a member that joined later, by backfill, is at its own step t; `steps` on the host
+    decides the path, `steps_tensor` counts on the device)."""
+
+    def __init__(self, configs: Sequence[TrainConfig], steps: Sequence[int], device: torch.device):
+        kinds = [OPTIMIZERS[c.optimizer] for c in configs]
+        flags = lambda values: torch.tensor(values, device=device)  # noqa: E731
+        self.configs, self.steps, self.device = list(configs), list(steps), device
+        self.decay = PerMember.of([c.weight_decay for c in configs], device)
+        self.momentum = PerMember.of([kind.member_momentum(c) for kind, c in zip(kinds, configs, strict=True)], device)
+        nesterov = [kind.member_nesterov(c) for kind, c in zip(kinds, configs, strict=True)]
+        decoupled = [kind.decoupled_decay for kind in kinds]
+        self.nesterov, self.decoupled = flags(nesterov), flags(decoupled)
+        updates = [kind.update for kind in kinds]
+        self.families = {u: flags([x is u for x in updates]) for u in dict.fromkeys(updates)}
+        self.any_decay = any(c.weight_decay for c in configs)
+        self.any_nesterov = any(nesterov)
+        self.all_decoupled, self.any_decoupled = all(decoupled), any(decoupled)
+        self.steps_tensor = torch.tensor(self.steps, dtype=torch.float32, device=device)
+        self.set_lr([c.lr for c in configs])
+
+    def set_lr(self, lrs: Sequence[float], on_device: torch.Tensor | None = None) -> None:
+        self.lr = PerMember.of(lrs, self.device, on_device, always_tensor=False)
+
+    def count_step(self) -> None:
+        self.steps = [t + 1 for t in self.steps]
+        self.steps_tensor.add_(1)
+
+    def update(self, pv: torch.Tensor, g: torch.Tensor, state: dict) -> None:
+        """One step of parameter view `pv` [k, rows, ...] with gradient `g`, in place."""
+        shape = (len(self.configs),) + (1,) * (pv.dim() - 1)
+        hp = Hyper(self.lr.at(shape), self.decay.at(shape), self.momentum.at(shape))
+        if len(self.families) == 1:  # the usual pack: one family, updated in place
+            next(iter(self.families))(self, pv, g, state, shape, hp, pv)
+            return
+        delta = None
+        for update, mask in self.families.items():
+            d = torch.zeros_like(pv)
+            update(self, pv, g, state, shape, hp, d)
+            delta = d if delta is None else torch.where(mask.view(shape), d, delta)
+        pv.add_(delta)
+
+
 class PackedOptimizer(torch.optim.Optimizer):
-    """One optimizer for K members; hyperparameters are per member (lr is set by each member's schedule)."""
+    """One optimizer for K members; hyperparameters are per member (lr is set by each member's schedule). On CPU a pack
+    updates each member as a pack of one, on its own slice (bench.hardware.pack_runs_per_member): the vectorised
+    update with per-member tensors rounds differently from the same update with Python numbers (addcmul against
+    add with alpha)."""
 
     def __init__(self, params: Iterable[torch.nn.Parameter], configs: Sequence[TrainConfig], device: torch.device):
         super().__init__(list(params), {})
         for c in configs:
             optimizer_kind(c.optimizer)  # an unknown kind raises here, not at the first step
         self.device = device
-        self.configs = list(configs)
-        # Adam's bias correction counts each member's own steps: a member that joined later (backfill) is at its own
-        # step t. `steps` on the host decides the path; `steps_tensor` is counted on the device, so no step syncs.
-        self.steps = [0] * len(self.configs)
-        self._build()
+        self._build(configs, [0] * len(configs), [c.lr for c in configs])
 
-    def _build(self) -> None:
-        cfgs = self.configs
-        kinds = [OPTIMIZERS[c.optimizer] for c in cfgs]
-        flags = lambda values: torch.tensor(values, device=self.device)  # noqa: E731
-        self.decay = PerMember.of([c.weight_decay for c in cfgs], self.device)
-        self.momentum = PerMember.of([kind.member_momentum(c) for kind, c in zip(kinds, cfgs, strict=True)], self.device)
-        nesterov = [kind.member_nesterov(c) for kind, c in zip(kinds, cfgs, strict=True)]
-        decoupled = [kind.decoupled_decay for kind in kinds]
-        self.nesterov, self.decoupled = flags(nesterov), flags(decoupled)
-        updates = [kind.update for kind in kinds]
-        self.families = {u: flags([x is u for x in updates]) for u in dict.fromkeys(updates)}
-        # Python-side facts, so the update skips terms no member uses and never reads a tensor back (no device sync)
-        self.any_decay = any(c.weight_decay for c in cfgs)
-        self.any_nesterov = any(nesterov)
-        self.all_decoupled, self.any_decoupled = all(decoupled), any(decoupled)
-        self.steps_tensor = torch.tensor(self.steps, dtype=torch.float32, device=self.device)
-        self.set_lr([c.lr for c in cfgs])
+    def _build(self, configs: Sequence[TrainConfig], steps: Sequence[int], lrs: Sequence[float]) -> None:
+        self.pack = Members(configs, steps, self.device)
+        alone = len(configs) > 1 and pack_runs_per_member(self.device)
+        self.alone = [Members([c], [t], self.device) for c, t in zip(configs, steps, strict=True)] if alone else None
+        self.set_lr(lrs)
+
+    @property
+    def configs(self) -> list[TrainConfig]:
+        return self.pack.configs
+
+    @property
+    def steps(self) -> list[int]:
+        return self.pack.steps
 
     @property
     def members(self) -> int:
-        return len(self.configs)
+        return len(self.pack.configs)
 
     @property
     def lrs(self) -> list[float]:
-        return self.lr.values
+        return self.pack.lr.values
 
     def set_lr(self, lrs: Sequence[float], on_device: torch.Tensor | None = None) -> None:
         """Each member's lr. `on_device`: the same values already on the device (a row of the epoch's lr table), so a
         per-batch schedule costs no host-to-device copy per step."""
-        self.lr = PerMember.of(lrs, self.device, on_device, always_tensor=False)
+        self.pack.set_lr(lrs, on_device)
+        for member, lr in zip(self.alone or (), lrs, strict=False):
+            member.set_lr([lr])
 
     @torch.no_grad()
     def step(self, closure=None):  # noqa: ANN001 - torch's signature
-        self.steps = [t + 1 for t in self.steps]
-        self.steps_tensor.add_(1)
+        for members in (self.pack, *(self.alone or ())):
+            members.count_step()
         k = self.members
         for group in self.param_groups:
             for p in group["params"]:
                 if p.grad is None:
                     continue
-                shape = (k,) + (1,) * p.dim()
                 view = (k, p.shape[0] // k, *p.shape[1:])  # splits the outermost dim: valid for channels-last too
-                pv, g = p.view(view), p.grad.view(view)
-                hp = Hyper(self.lr.at(shape), self.decay.at(shape), self.momentum.at(shape))
-                state = self.state[p]
-                if len(self.families) == 1:  # the usual pack: one family, updated in place
-                    next(iter(self.families))(self, pv, g, state, shape, hp, pv)
+                pv, g, state = p.view(view), p.grad.view(view), self.state[p]
+                if self.alone is None:
+                    self.pack.update(pv, g, state)
                     continue
-                delta = None
-                for update, mask in self.families.items():
-                    d = torch.zeros_like(pv)
-                    update(self, pv, g, state, shape, hp, d)
-                    delta = d if delta is None else torch.where(mask.view(shape), d, delta)
-                pv.add_(delta)
+                mine = [{name: t.narrow(0, j, 1) for name, t in state.items()} for j in range(k)]
+                for j, member in enumerate(self.alone):
+                    member.update(pv.narrow(0, j, 1), g.narrow(0, j, 1), mine[j])
+                # state a member created this step (its first, or the first of its kind in this pack) joins the pack's,
+                # member-major; members of other kinds get zeros there, which they never read
+                for name in {name for m in mine for name in m} - state.keys():
+                    state[name] = torch.cat([m.get(name, torch.zeros_like(pv.narrow(0, j, 1))) for j, m in enumerate(mine)])
 
     def compact(self, keep: Sequence[int], swapped: dict[torch.nn.Parameter, torch.nn.Parameter]) -> None:
         """Keep members `keep`: parameters are the compacted model's, state rows follow (bench.packed.compact)."""
@@ -259,11 +301,7 @@ class PackedOptimizer(torch.optim.Optimizer):
                                   for name, t in self.state[old].items()}
         self.state.clear()
         self.state.update(new_state)
-        lrs = [self.lrs[i] for i in keep]
-        self.configs = [self.configs[i] for i in keep]
-        self.steps = [self.steps[i] for i in keep]
-        self._build()
-        self.set_lr(lrs)
+        self._build([self.configs[i] for i in keep], [self.steps[i] for i in keep], [self.lrs[i] for i in keep])
 
     def grow(self, configs: Sequence[TrainConfig], swapped: dict[torch.nn.Parameter, torch.nn.Parameter]) -> None:
         """Members with `configs` joined at the end (bench.packed.grow): they start as a fresh torch optimizer would,
@@ -278,11 +316,7 @@ class PackedOptimizer(torch.optim.Optimizer):
                                     for name, t in self.state[old].items()}
         self.state.clear()
         self.state.update(new_state)
-        lrs = self.lrs + [c.lr for c in configs]
-        self.configs += list(configs)
-        self.steps += [0] * new
-        self._build()
-        self.set_lr(lrs)
+        self._build(self.configs + list(configs), self.steps + [0] * new, self.lrs + [c.lr for c in configs])
         assert self.members == k + new
 
 
@@ -302,9 +336,13 @@ def clip_grad_norm_per_member(params: Iterable[torch.nn.Parameter], max_norm: to
     """torch.nn.utils.clip_grad_norm_ for each member on its own; max_norm [K], 0 = no clipping. Returns the norms."""
     grads = [p.grad for p in params if p.grad is not None]
     squares = torch.zeros(members, device=max_norm.device)
+    alone = members > 1 and pack_runs_per_member(max_norm.device)  # each member's sum in its solo order
     for g in grads:
         view = g.view(members, g.shape[0] // members, *g.shape[1:])
-        squares += view.float().square().sum(dim=tuple(range(1, view.dim())))
+        if alone:
+            squares += torch.stack([view[k].float().square().sum() for k in range(members)])
+        else:
+            squares += view.float().square().sum(dim=tuple(range(1, view.dim())))
     norms = squares.sqrt()
     coef = torch.where(max_norm > 0, (max_norm / (norms + 1e-6)).clamp(max=1.0), 1.0)
     for g in grads:

@@ -9,7 +9,9 @@ gradient clipping and compaction (a member leaving) all rely on.
 
 Member k of `pack_models(models)` starts from `models[k]`'s weights, so a member starts exactly
 as the solo trial with that seed; `unpack_member(packed, k, model)` copies its weights back out.
-A pack of one is the solo trial: bench.train has one training loop.
+A pack of one is the solo trial: bench.train has one training loop. On CPU the convolutions and matmuls run member by
+member on the same packed tensors (bench.hardware.pack_runs_per_member), so a member's numbers are its solo run's, bit
+for bit.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from bench.hardware import pack_runs_per_member
 from bench.models import ConvNet, ResidualBlock, feature_dropout, head_dropout
 from bench.space import SHAPE_FIELDS, TrainConfig
 
@@ -30,7 +33,7 @@ def shape_signature(cfg: TrainConfig) -> tuple:
 
 
 class PackedConv2d(nn.Module):
-    """K Conv2d(c_in, c_out) as one grouped convolution over [B, K*c_in, H, W]."""
+    """K Conv2d(c_in, c_out) as one grouped convolution over [B, K*c_in, H, W] (on CPU: K convolutions)."""
 
     def __init__(self, convs: Sequence[nn.Conv2d]):
         super().__init__()
@@ -40,7 +43,14 @@ class PackedConv2d(nn.Module):
         self.bias = nn.Parameter(torch.cat([c.bias.detach() for c in convs]))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.conv2d(x, self.weight, self.bias, padding=self.padding, groups=self.weight.shape[0] // self.out_per_member)
+        members = self.weight.shape[0] // self.out_per_member
+        if members == 1 or not pack_runs_per_member(x.device):
+            return F.conv2d(x, self.weight, self.bias, padding=self.padding, groups=members)
+        c_in, c_out = x.shape[1] // members, self.out_per_member
+        outs = [F.conv2d(x.narrow(1, k * c_in, c_in),
+                         self.weight.narrow(0, k * c_out, c_out), self.bias.narrow(0, k * c_out, c_out),
+                         padding=self.padding) for k in range(members)]
+        return torch.cat(outs, 1)
 
 
 def packed_batch_norm(norms: Sequence[nn.BatchNorm2d]) -> nn.BatchNorm2d:
@@ -79,7 +89,7 @@ class PackedFlatten(nn.Module):
 
 
 class PackedLinear(nn.Module):
-    """K Linear(f_in, f_out) as one batched matmul over [K, B, f_in]."""
+    """K Linear(f_in, f_out) as one batched matmul over [K, B, f_in] (on CPU: K matmuls)."""
 
     def __init__(self, linears: Sequence[nn.Linear]):
         super().__init__()
@@ -87,7 +97,10 @@ class PackedLinear(nn.Module):
         self.bias = nn.Parameter(torch.stack([lin.bias.detach() for lin in linears]))  # [K, out]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.baddbmm(self.bias.unsqueeze(1), x, self.weight)  # autocast picks the dtype
+        if x.shape[0] == 1 or not pack_runs_per_member(x.device):
+            return torch.baddbmm(self.bias.unsqueeze(1), x, self.weight)  # autocast picks the dtype
+        return torch.cat([torch.baddbmm(self.bias[k:k + 1].unsqueeze(1), x[k:k + 1], self.weight[k:k + 1])
+                          for k in range(x.shape[0])])
 
 
 class PackedDropout(nn.Module):

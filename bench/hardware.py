@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Iterator
 
 import torch
 
@@ -50,18 +51,33 @@ def resolve_precision(precision: str, device: torch.device) -> torch.dtype | Non
 
 def pack_runs_per_member(device: torch.device) -> bool:
     """On CPU a pack runs each member's convolutions, matmuls, loss, gradient norm and optimizer step on its own slice,
-    so every member computes exactly what it computes alone (bench.packed, bench.losses, bench.optimizers). Why: CPU
-    kernels split a reduction across threads by the tensor's size, so a grouped convolution's weight gradient sums in
-    another order than the member's own convolution; a mixed pack's loss formula is not the solo run's torch kernel;
-    and an update with per-member tensors rounds differently from the same update with Python numbers (measured with
-    2 threads on this project's 2-core EPYC, torch 2.14: TinyCNN's conv weight gradients differ by up to 2e-5 in fp32
-    and 6e-2 in bf16 after one step; a 5-epoch CIFAR-10 cell in a pack of 2 ended 0.4 points of test accuracy away
-    from its solo run). The price: a pack of 2 trains 1,630 member-images/s member by member against 1,990 with the
-    fused kernels and 2,320 for a solo run (4,000 CIFAR-10 images, 1 epoch, bf16, medians of 3 interleaved runs on a
-    CPU shared with a matrix run), so packing never paid on CPU and --pack auto is 1 there: a CPU pack is for
-    checking that packing computes what the members compute alone. On CUDA the fused kernels are the point of
-    packing and stay."""
-    return device.type == "cpu"
+    so every member computes exactly what it computes alone (bench.packed, bench.losses, bench.optimizers;
+    fused_packs_on_cpu turns it off). Why: CPU kernels split a reduction across threads by the tensor's size, so a
+    grouped convolution's weight gradient sums in another order than the member's own convolution; a mixed pack's
+    loss formula is not the solo run's torch kernel; and an update with per-member tensors rounds differently from
+    the same update with Python numbers (measured with 2 threads on this project's 2-core EPYC, torch 2.14:
+    TinyCNN's conv weight gradients differ by up to 2e-5 in fp32 and 6e-2 in bf16 after one step; a 5-epoch CIFAR-10
+    cell in a pack of 2 ended 0.4 points of test accuracy away from its solo run). The price: a pack of 2 trains
+    1,630 member-images/s member by member against 1,990 with the fused kernels and 2,320 for a solo run (4,000
+    CIFAR-10 images, 1 epoch, bf16, medians of 3 interleaved runs on a CPU shared with a matrix run; bench.perf
+    --pack 1,2 times both), so packing never paid on CPU and --pack auto is 1 there: a CPU pack is for checking that
+    packing computes what the members compute alone. On CUDA the fused kernels are the point of packing and stay."""
+    return device.type == "cpu" and not _fused_on_cpu
+
+
+_fused_on_cpu = False
+
+
+@contextlib.contextmanager
+def fused_packs_on_cpu() -> Iterator[None]:
+    """CUDA's fused pack kernels on CPU as well while the block runs (packs built inside it): how the tests check the
+    code a GPU runs, and how bench.perf --pack times it beside the per-member path."""
+    global _fused_on_cpu
+    previous, _fused_on_cpu = _fused_on_cpu, True
+    try:
+        yield
+    finally:
+        _fused_on_cpu = previous
 
 
 def configure_determinism(device: torch.device, deterministic: bool) -> None:

@@ -42,6 +42,8 @@ class Hyper(NamedTuple):
 # an update family: (the members' hyperparameters and flags, member view of the parameter, of its gradient, state,
 # broadcast shape, Hyper, out);
 # `out` is the parameter itself (updated in place) or a zero delta buffer the family adds its update to
+# A family creates its state entries on its first step and afterwards changes them in place only: a CPU pack hands
+# each member views of the pack's state (PackedOptimizer.step), so a reassigned entry would be lost there.
 Update = Callable[["Members", torch.Tensor, torch.Tensor, dict, tuple[int, ...], Hyper, torch.Tensor], None]
 
 
@@ -186,7 +188,7 @@ class Members:
     decides the path, `steps_tensor` counts on the device)."""
 
     def __init__(self, configs: Sequence[TrainConfig], steps: Sequence[int], device: torch.device):
-        kinds = [OPTIMIZERS[c.optimizer] for c in configs]
+        kinds = [optimizer_kind(c.optimizer) for c in configs]
         flags = lambda values: torch.tensor(values, device=device)  # noqa: E731
         self.configs, self.steps, self.device = list(configs), list(steps), device
         self.decay = PerMember.of([c.weight_decay for c in configs], device)

@@ -9,6 +9,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import math
 import os
 import statistics
@@ -26,7 +27,7 @@ from tqdm.auto import tqdm
 
 from bench.data import Dataset, _stratified_take, load_dataset, make_splits
 from bench.errors import UsageError, run_cli
-from bench.hardware import PRECISIONS, resolve_device
+from bench.hardware import PRECISIONS, fused_packs_on_cpu, pack_runs_per_member, resolve_device
 from bench.models import build_seeded_model
 from bench.samplers import PRUNERS, SAMPLERS
 from bench.simulate import compare_packs
@@ -110,33 +111,39 @@ def run_harness(dataset: Dataset, cfg: TrainConfig, *, seed: int, device: torch.
 class PackResult:
     members: int
     deterministic: bool
+    kernels: str  # "solo", "fused" (CUDA's, one grouped convolution for K members) or "per member" (CPU's default)
     member_images_per_sec: float  # summed over the pack's members: training images per second of training time
     wall_seconds: float
     mean_test_acc: float
 
 
 def run_pack(dataset: Dataset, cfg: TrainConfig, members: int, *, device: torch.device, precision: str,
-             train_subset: int | None, progress: bool, deterministic: bool = False) -> PackResult:
-    """K baseline trials (seeds 0..K-1) trained as one pack; K=1 is the solo trial."""
+             train_subset: int | None, progress: bool, deterministic: bool = False, fused: bool = False) -> PackResult:
+    """K baseline trials (seeds 0..K-1) trained as one pack; K=1 is the solo trial. `fused`: CUDA's fused kernels on a
+    CPU too (bench.hardware.fused_packs_on_cpu)."""
     splits = make_splits(dataset, val_split=0, train_subset=train_subset, seed=0)
     pack = [Member(build_seeded_model(cfg, seed, dataset), cfg, seed) for seed in range(members)]
     started = time.perf_counter()
-    fit_pack(pack, splits, device=device, precision=precision, progress=progress, log=lambda _: None,
-             deterministic=deterministic)
+    with fused_packs_on_cpu() if fused else contextlib.nullcontext():
+        fit_pack(pack, splits, device=device, precision=precision, progress=progress, log=lambda _: None,
+                 deterministic=deterministic)
     wall = time.perf_counter() - started
-    return PackResult(members, deterministic, sum(m.result.images_per_sec for m in pack), wall,
+    kernels = "solo" if members == 1 else "per member" if not fused and pack_runs_per_member(device) else "fused"
+    return PackResult(members, deterministic, kernels, sum(m.result.images_per_sec for m in pack), wall,
                       statistics.fmean(m.result.test_acc for m in pack))
 
 
 def pack_lines(results: list[PackResult]) -> list[str]:
     base = next((r for r in results if r.members == 1 and not r.deterministic), results[0])
-    lines = [f"{'pack K':>6} {'determ.':>7} {'member img/s':>13} {'vs K=1':>7} {'wall s':>7} {'mean test acc':>13}"]
+    lines = [f"{'pack K':>6} {'kernels':>10} {'determ.':>7} {'member img/s':>13} {'vs K=1':>7} {'wall s':>7} "
+             f"{'mean test acc':>13}"]
     for r in results:
-        lines.append(f"{r.members:>6} {'yes' if r.deterministic else 'no':>7} {r.member_images_per_sec:>13,.0f} "
-                     f"{r.member_images_per_sec / base.member_images_per_sec:>6.2f}x {r.wall_seconds:>7.1f} {r.mean_test_acc:>13.4f}")
+        lines.append(f"{r.members:>6} {r.kernels:>10} {'yes' if r.deterministic else 'no':>7} "
+                     f"{r.member_images_per_sec:>13,.0f} {r.member_images_per_sec / base.member_images_per_sec:>6.2f}x "
+                     f"{r.wall_seconds:>7.1f} {r.mean_test_acc:>13.4f}")
     fast = [r for r in results if not r.deterministic]
     best = max(fast, key=lambda r: r.member_images_per_sec)
-    lines.append(f"best K={best.members}: {best.member_images_per_sec:,.0f} member-images/s, "
+    lines.append(f"best K={best.members} ({best.kernels}): {best.member_images_per_sec:,.0f} member-images/s, "
                  f"{best.member_images_per_sec / base.member_images_per_sec:.2f}x the solo trial")
     for r in results:
         if r.deterministic:
@@ -144,6 +151,11 @@ def pack_lines(results: list[PackResult]) -> list[str]:
             if twin is not None:
                 lines.append(f"--deterministic at K={r.members} runs at {r.member_images_per_sec / twin.member_images_per_sec:.2f}x "
                              "the speed of the default (cuDNN autotuned)")
+        elif r.kernels == "per member":
+            twin = next((f for f in fast if f.members == r.members and f.kernels == "fused"), None)
+            if twin is not None:
+                lines.append(f"member by member (exactly each solo run) at K={r.members} runs at "
+                             f"{r.member_images_per_sec / twin.member_images_per_sec:.2f}x the fused kernels' speed")
     return lines
 
 
@@ -294,12 +306,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.pack:
         packs = []
         for k in sizes:
-            for deterministic in (False, True) if args.deterministic else (False,):
+            # on CPU a pack of two or more also runs with CUDA's fused kernels, beside its exact per-member default
+            variants = [(d, False) for d in ((False, True) if args.deterministic else (False,))]
+            if k > 1 and pack_runs_per_member(device):
+                variants.append((False, True))
+            for deterministic, fused in variants:
                 r = run_pack(dataset, cfg, k, device=device, precision=args.precision, train_subset=args.train_subset,
-                             progress=not args.quiet, deterministic=deterministic)
+                             progress=not args.quiet, deterministic=deterministic, fused=fused)
                 packs.append(r)
-                print(f"pack K={k}{' deterministic' if deterministic else ''}: {r.member_images_per_sec:,.0f} "
-                      f"member-images/s, {r.wall_seconds:.1f}s", flush=True)
+                print(f"pack K={k} {r.kernels}{' deterministic' if deterministic else ''}: "
+                      f"{r.member_images_per_sec:,.0f} member-images/s, {r.wall_seconds:.1f}s", flush=True)
         print("\n".join(pack_lines(packs)))
     return 0
 

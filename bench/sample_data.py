@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from bench.errors import run_cli
+from bench.errors import UsageError, run_cli
 
 
 def make_image_folder(root: Path, *, size: tuple[int, int] = (32, 32), mode: str = "RGB", per_class: int = 12,
@@ -36,7 +36,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("root", type=Path)
     parser.add_argument("--per-class", type=int, default=40)
     args = parser.parse_args(argv)
-    make_image_folder(args.root, per_class=args.per_class, test_per_class=max(2, args.per_class // 4))
+    if args.per_class < 1:
+        raise UsageError(f"--per-class must be 1 or more, got {args.per_class}")
+    try:
+        make_image_folder(args.root, per_class=args.per_class, test_per_class=max(2, args.per_class // 4))
+    except OSError as exc:
+        raise UsageError(f"cannot write the sample dataset to {args.root} ({exc.strerror or exc}); "
+                         "pass a directory you can write to") from None
     print(f"wrote {args.root}")
     return 0
 

@@ -151,6 +151,18 @@ def test_unwritable_studies_directory(rgb_folder, cache_dir, tmp_path, capsys):
     assert "cannot create" in capsys.readouterr().err
 
 
+def test_sample_data_into_an_unwritable_place_is_one_line(tmp_path, capsys):
+    from bench.sample_data import main as sample_data
+
+    blocker = tmp_path / "data"
+    blocker.write_text("a file where the dataset should go")
+    assert run_cli(sample_data, [str(blocker / "tiny")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: cannot write the sample dataset") and len(err.splitlines()) == 1
+    assert run_cli(sample_data, [str(tmp_path / "ok"), "--per-class", "0"]) == 2
+    assert "--per-class must be 1 or more" in capsys.readouterr().err
+
+
 @pytest.mark.skipif(os.geteuid() == 0, reason="root writes through read-only permissions")
 def test_read_only_studies_directory(rgb_folder, cache_dir, tmp_path, capsys):
     ro = tmp_path / "ro"

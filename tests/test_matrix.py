@@ -264,4 +264,4 @@ def test_matrix_packs_give_the_solo_numbers(rgb_folder, cache_dir, tmp_path, mon
     assert {size for *_, size in results["1"].values()} == {1} and 2 in {size for *_, size in results["2"].values()}
     for key, (acc, losses, _) in results["1"].items():
         packed_acc, packed_losses, _ = results["2"][key]
-        assert packed_acc == acc and packed_losses == losses, key  # bit for bit (bench.packed.computes_per_member)
+        assert packed_acc == acc and packed_losses == losses, key  # bit for bit (bench.hardware.pack_runs_per_member)

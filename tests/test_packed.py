@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from bench.data import load_image_folder, make_splits
+from bench.hardware import fused_packs_on_cpu
 from bench.models import build_model, feature_dropout, head_dropout
 from bench.optimizers import PackedOptimizer, clip_grad_norm_per_member, solo_optimizer
 from bench.packed import compact, pack_models, shape_signature, unpack_member
@@ -51,7 +52,7 @@ BN_DROPOUT_RESIDUAL = {"batch_norm": True, "dropout": 0.3, "residual": True, "ex
 
 
 def assert_same_run(mine: Member, solo: Member, label: str) -> None:
-    """Bit for bit: on CPU a pack computes each member's layers on its own slice (bench.packed.computes_per_member)."""
+    """Bit for bit: on CPU a pack computes each member's layers on its own slice (bench.hardware.pack_runs_per_member)."""
     assert mine.error is None and solo.error is None, label
     assert mine.result.train_loss == solo.result.train_loss, label
     assert mine.result.val_acc == solo.result.val_acc, label
@@ -75,6 +76,21 @@ def test_a_member_trains_in_a_pack_of_four_exactly_as_alone(splits, arch, precis
         solo = train(splits, [c], [seed], precision=precision)[0]
         assert len(mine.result.train_loss) == steps
         assert_same_run(mine, solo, c.optimizer)
+
+
+def test_the_fused_kernels_train_each_member_as_alone_to_rounding(splits):
+    """CUDA's path (grouped convolutions, batched matmuls, the packed loss formulas, vectorised updates), run on the CPU:
+    TinyCNN's fp32 run is well conditioned, so every member stays within rounding of its solo run (within 1.5e-7 over
+    20 steps, measured on this project's CPU); tests/test_gpu.py checks the same on a GPU."""
+    others = [same_shape(o, STEP) for o in OTHERS]
+    cfgs, seeds = [others[0], STEP, others[1], others[2]], [11, 3, 12, 13]
+    with fused_packs_on_cpu():
+        pack = train(splits, cfgs, seeds)
+    for c, seed, mine in zip(cfgs, seeds, pack, strict=True):
+        solo = train(splits, [c], [seed])[0]
+        assert mine.error is None and len(mine.result.train_loss) == 20
+        assert mine.result.train_loss == pytest.approx(solo.result.train_loss, abs=1e-4), c.optimizer
+        assert abs(mine.result.test_acc - solo.result.test_acc) <= 0.002, c.optimizer
 
 
 def test_the_assignment_block_trains_in_a_pack_exactly_as_alone(splits):
@@ -177,7 +193,7 @@ OPTIMIZER_CONFIGS = [
 ]
 
 
-def test_vectorised_updates_match_torchs_optimizers():
+def test_vectorised_updates_match_torchs_optimizers(pack_kernels):
     """A pack mixing every kind (tests/test_registries.py: a pack of each kind alone)."""
     k, rows = len(OPTIMIZER_CONFIGS), 3
     gen = torch.Generator().manual_seed(0)
@@ -196,7 +212,7 @@ def test_vectorised_updates_match_torchs_optimizers():
         assert torch.allclose(packed.detach()[i * rows:(i + 1) * rows], solos[i].detach(), atol=1e-6), cfg.optimizer
 
 
-def test_compaction_keeps_the_remaining_members_optimizer_state():
+def test_compaction_keeps_the_remaining_members_optimizer_state(pack_kernels):
     k, rows = 4, 2
     p = torch.nn.Parameter(torch.randn(k, rows, 5))
     cfgs = OPTIMIZER_CONFIGS[:4]
@@ -211,7 +227,7 @@ def test_compaction_keeps_the_remaining_members_optimizer_state():
         assert torch.equal(opt.state[new][name], t)
 
 
-def test_per_member_gradient_clipping_matches_torch():
+def test_per_member_gradient_clipping_matches_torch(pack_kernels):
     k = 3
     params = [torch.nn.Parameter(torch.zeros(k * 4, 3)), torch.nn.Parameter(torch.zeros(k, 6))]
     grads = [torch.randn_like(p) * 5 for p in params]

@@ -73,9 +73,10 @@ def test_the_solo_form_is_torchs_optimizer_with_the_configs_settings(name):
 
 @pytest.mark.parametrize("members", [1, 3], ids=["solo", "pack-of-3"])
 @pytest.mark.parametrize("name", list(OPTIMIZERS))
-def test_each_members_packed_update_is_torchs_solo_optimizer(name, members):
+def test_each_members_packed_update_is_torchs_solo_optimizer(name, members, pack_kernels):
     """Every kind: a pack of `members` of that kind (a pack of one: the shared-number path; three differing members:
-    the per-member tensor path) steps each member exactly as torch's optimizer steps it alone."""
+    each as a pack of one on the CPU, or with fused kernels the per-member tensor path a GPU runs) steps each member
+    as torch's optimizer steps it alone."""
     rows, steps = 3, 8
     for start in range(0, 3, members):  # the solo case runs each variant as its own pack of one
         cfgs = optimizer_variants(name)[start:start + members]
@@ -125,7 +126,7 @@ def packed_and_solo(cfgs: list[TrainConfig], fused: bool) -> tuple[torch.Tensor,
 
 @pytest.mark.parametrize("fused", [False, True], ids=["per-member", "fused"])
 @pytest.mark.parametrize("name", list(LOSSES))
-def test_each_members_packed_loss_and_gradient_are_the_solo_forms(name, fused):
+def test_each_members_packed_loss_and_gradient_are_the_solo_forms(name, fused, pack_kernels):
     cfgs = loss_variants(name)
     for members in ([cfgs[0]], cfgs):  # alone (the fused kernel where the kind has one), and members that differ
         losses, solo, grad, solo_grad = packed_and_solo(members, fused)
@@ -133,7 +134,7 @@ def test_each_members_packed_loss_and_gradient_are_the_solo_forms(name, fused):
         assert torch.allclose(grad, solo_grad, atol=1e-6), name
 
 
-def test_a_pack_mixing_every_loss_kind_gives_each_member_its_solo_loss():
+def test_a_pack_mixing_every_loss_kind_gives_each_member_its_solo_loss(pack_kernels):
     cfgs = [c for name in LOSSES for c in loss_variants(name)[:2]]
     losses, solo, grad, solo_grad = packed_and_solo(cfgs, fused=True)
     assert torch.allclose(losses, solo, atol=1e-6) and torch.allclose(grad, solo_grad, atol=1e-6)

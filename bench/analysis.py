@@ -27,7 +27,7 @@ from bench.design import (
     matrix_rows,
     resolve_reference,
 )
-from bench.schema import Attr, StudyAttr
+from bench.schema import Attr, StudyAttr, stopped_from_outside
 from bench.space import (
     BASELINE,
     BUDGET_TIERS,
@@ -224,7 +224,7 @@ def attempt_kind(state: str, stop_reason: Any, fail_reason: Any) -> str:
         return "active"
     if stop_reason == "diverged":
         return "diverged"
-    if state == "FAIL" and stop_reason == "failed" and fail_reason != "interrupted":
+    if state == "FAIL" and not stopped_from_outside(state, stop_reason, fail_reason):
         return "failed"
     return "retry"
 

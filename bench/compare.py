@@ -42,9 +42,9 @@ from bench.objective import TrialSettings, TrialTrainer
 from bench.replay import ReplayTrainer, load_table
 from bench.runner import FailureGuard, run_packs
 from bench.samplers import PRUNERS, SAMPLERS, create_pruner, create_sampler
-from bench.schema import Attr, StudyAttr
+from bench.schema import Attr, StudyAttr, stopped_from_outside
 from bench.space import fixed_budget_space
-from bench.storage import compare_storage, fail_orphans, open_storage, open_study
+from bench.storage import compare_storage, fail_orphans, open_storage, open_study, requeue_stopped
 
 COMPARABLE_SAMPLERS = tuple(s for s in SAMPLERS if s != "grid")  # a grid is a design, not a search to rank
 REPEAT_SEED_STRIDE = 10_000  # trial seeds of repeat r: seed + r * stride + trial number (distinct across repeats)
@@ -83,9 +83,12 @@ def study_name(name: str, arm: Arm, repeat: int) -> str:
 
 
 def epochs_consumed(study: optuna.Study) -> int:
-    """Training epochs the study's trials used: finished ones as recorded, running ones as reported so far."""
+    """Training epochs the study's trials used: finished ones as recorded, running ones as reported so far; not those
+    stopped from outside (interrupted, orphaned): the search did not choose to stop them, and they run again."""
     total = 0
     for t in study.get_trials(deepcopy=False):
+        if stopped_from_outside(t.state.name, t.user_attrs.get(Attr.STOP_REASON), t.user_attrs.get(Attr.FAIL_REASON)):
+            continue
         run = t.user_attrs.get(Attr.EPOCHS_RUN)
         total += int(run) if run is not None and t.state != TrialState.RUNNING else len(t.intermediate_values)
     return total
@@ -164,6 +167,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                     print(f"{name}: another process is running it; skipped (rerun to finish it after that one)", flush=True)
                     continue
                 fail_orphans(study, "found running at start", requeue=False)  # nobody else runs it: they are orphans
+                requeue_stopped(study)  # so a resumed study is the study an unbroken run would have made
             seed = args.seed + repeat * REPEAT_SEED_STRIDE
             if replay:
                 trainer: TrialTrainer = ReplayTrainer(table, space, repeat=repeat, seed=seed)

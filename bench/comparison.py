@@ -36,7 +36,7 @@ import pandas as pd
 from scipy import stats as sstats
 
 from bench.errors import UsageError
-from bench.schema import Attr, StudyAttr
+from bench.schema import Attr, StudyAttr, stopped_from_outside
 from bench.stats import CONFIDENCE, holm
 
 REFERENCE_ARM = "random"
@@ -58,7 +58,7 @@ TRIAL_COLUMNS = ["arm", "repeat", "study", "number", "state", "epochs_run", "cum
                  "test_acc", "train_seconds", "sampler_seconds", "cum_seconds", "replayed", "budget_epochs",
                  "train_images"]
 STUDY_COLUMNS = ["arm", "repeat", "study", "budget_epochs", "train_images", "replay", "n_trials", "n_complete",
-                 "n_pruned", "n_fail", "n_unfinished", "epochs_consumed"]
+                 "n_pruned", "n_fail", "n_interrupted", "n_unfinished", "epochs_consumed"]
 
 
 # --- the extract --------------------------------------------------------------------------------
@@ -100,13 +100,16 @@ def load_comparison(storage: str | optuna.storages.BaseStorage, name: str) -> tu
         cum_epochs = cum_seconds = 0.0
         cum_trials = 0
         states: list[str] = []
+        interrupted = 0
         for t in trials:
             ua = t.user_attrs
             state = t.state.name
+            outside = stopped_from_outside(state, ua.get(Attr.STOP_REASON), ua.get(Attr.FAIL_REASON))
+            interrupted += outside
             states.append(state)
             epochs = _num(ua, Attr.EPOCHS_RUN)
             train_s, sampler_s = _num(ua, Attr.TRAIN_SECONDS), _num(ua, Attr.SAMPLER_SECONDS)
-            cum_epochs += 0.0 if math.isnan(epochs) else epochs
+            cum_epochs += 0.0 if math.isnan(epochs) or outside else epochs
             cum_seconds += (0.0 if math.isnan(train_s) else train_s) + (0.0 if math.isnan(sampler_s) else sampler_s)
             cum_trials += state in FINISHED_STATES
             val = float(t.value) if state == "COMPLETE" and t.value is not None else _num(ua, Attr.VAL_ACC)
@@ -120,8 +123,8 @@ def load_comparison(storage: str | optuna.storages.BaseStorage, name: str) -> tu
         study_rows.append({
             "arm": arm, "repeat": repeat, "study": summary.study_name, "budget_epochs": budget, "train_images": images,
             "replay": None if replay is None else str(replay), "n_trials": len(trials),
-            "n_complete": states.count("COMPLETE"), "n_pruned": states.count("PRUNED"), "n_fail": states.count("FAIL"),
-            "n_unfinished": sum(s in ("RUNNING", "WAITING") for s in states), "epochs_consumed": cum_epochs,
+            "n_complete": states.count("COMPLETE"), "n_pruned": states.count("PRUNED"), "n_fail": states.count("FAIL") - interrupted,
+            "n_interrupted": interrupted, "n_unfinished": sum(s in ("RUNNING", "WAITING") for s in states), "epochs_consumed": cum_epochs,
         })
     return pd.DataFrame(rows, columns=TRIAL_COLUMNS), pd.DataFrame(study_rows, columns=STUDY_COLUMNS)
 
@@ -130,7 +133,8 @@ def comparison_trials(storage: str | optuna.storages.BaseStorage, name: str) -> 
     """One row per stored trial of the comparison (TRIAL_COLUMNS), in (arm, repeat, number) order.
 
     cum_epochs / cum_seconds / cum_trials accumulate within the trial's study in trial-number order: epochs of every
-    trial (pruned and failed included), simulated wall time (train + sampler seconds), finished (complete or pruned)
+    trial (pruned and failed included; not those stopped from outside, interrupted or orphaned, which bench.compare runs
+    again and does not charge to the search's budget), simulated wall time (train + sampler seconds), finished (complete or pruned)
     trials. val_acc is a COMPLETE trial's value, else its stored last validation accuracy.
     """
     return load_comparison(storage, name)[0]
@@ -478,7 +482,8 @@ def cost_table(trials: pd.DataFrame, studies: pd.DataFrame) -> pd.DataFrame:
             "train_images": float(images), "train_seconds": float(t["train_seconds"].fillna(0).sum()),
             "sampler_seconds": float(t["sampler_seconds"].fillna(0).sum()),
             "trials": int(one["n_trials"].sum()), "complete": int(one["n_complete"].sum()), "pruned": int(one["n_pruned"].sum()),
-            "failed": int(one["n_fail"].sum()), "unfinished": int(one["n_unfinished"].sum()),
+            "failed": int(one["n_fail"].sum()), "interrupted": int(one["n_interrupted"].sum()),
+            "unfinished": int(one["n_unfinished"].sum()),
         })
     return pd.DataFrame(rows)
 

@@ -111,14 +111,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     else:  # the table's space (its fixed knobs left out) and epochs; its data's identity, never its images
         space, max_epochs, meta = table.space, table.epochs, table.study_meta()
     storage = open_storage(storage_url, heartbeat_seconds=args.heartbeat)
-    existing_trials = 0
-    try:
-        existing_trials = len(optuna.load_study(study_name=args.study_name, storage=storage).trials)
-    except KeyError:
-        pass
-    # Reseed past the trials the study already holds (and per worker), so random start-up
-    # draws never repeat earlier parameters.
-    sampler = create_sampler(args.sampler, args.seed + existing_trials + 1000 * (args.worker_id or 0), space)
+    # one seed for every process: the samplers reseed per trial number (bench.samplers), so a resumed study or a
+    # second worker goes on with new draws instead of repeating the first ones
+    sampler = create_sampler(args.sampler, args.seed, space)
     study, is_new = open_study(args.study_name, storage, sampler=sampler,
                                pruner=create_pruner(args.pruner, max_epochs), meta=meta, force=args.force)
     run_lock = RunLock(storage_url, args.study_name)

@@ -66,3 +66,10 @@ class StudyAttr:
     BUDGET_EPOCHS = "bench.budget_epochs"  # training epochs the arm may consume (pruned epochs count)
     # a study answered from a recorded table instead of training (bench.run/compare --replay)
     REPLAY = "bench.replay"  # the table's path and fingerprint
+
+
+def stopped_from_outside(state: str, stop_reason: object, fail_reason: object) -> bool:
+    """A failed trial its config did not cause: interrupted (Ctrl-C, SIGTERM: fail_reason "interrupted") or orphaned
+    (its process died, so it recorded no reason). Such a trial is run again; it is neither an outcome nor a cost of the
+    search that asked it. `state` is the TrialState's name."""
+    return state == "FAIL" and stop_reason != "diverged" and (stop_reason != "failed" or fail_reason == "interrupted")

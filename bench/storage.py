@@ -18,7 +18,7 @@ from optuna.trial import TrialState
 import bench
 from bench.errors import UsageError, redact
 from bench.locks import storage_file
-from bench.schema import Attr, StudyAttr
+from bench.schema import Attr, StudyAttr, stopped_from_outside
 from bench.space import Param
 
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
@@ -177,3 +177,17 @@ def fail_orphans(study: optuna.Study, reason: str, *, requeue: bool = True) -> l
         print(f"trials {failed} were left running by a process that died ({reason}); failed them"
               + (" and queued their parameters again" if requeue else ""))
     return failed
+
+
+def requeue_stopped(study: optuna.Study) -> list[int]:
+    """Enqueue again, once, the parameters of every trial stopped from outside (interrupted or orphaned): the search
+    chose them and never saw their result. Returns the numbers of the trials requeued."""
+    trials = study.get_trials(deepcopy=False)
+    retried = {t.user_attrs.get(Attr.RETRY_OF) for t in trials}
+    again = [t for t in trials if t.number not in retried
+             and stopped_from_outside(t.state.name, t.user_attrs.get(Attr.STOP_REASON), t.user_attrs.get(Attr.FAIL_REASON))]
+    for t in again:
+        study.enqueue_trial(t.params, user_attrs={Attr.RETRY_OF: t.number})
+    if again:
+        print(f"{study.study_name}: trials {[t.number for t in again]} were interrupted; queued their parameters again")
+    return [t.number for t in again]

@@ -6,6 +6,7 @@ import optuna
 import pytest
 
 import bench.compare
+import bench.train
 from bench.compare import Arm, default_evaluations, epochs_consumed, main, parse_arms
 from bench.comparison import analyse
 from bench.errors import UsageError, run_cli
@@ -84,6 +85,41 @@ def test_a_live_comparison_trains_resumes_after_an_interrupt_and_refuses_bad_inp
     assert "random r1 trial" in out and "bench.report --compare live" in out
     assert run_cli(main, [*args, "--arms", "tpe+sometimes"]) == 2
 
+
+
+def test_an_interrupted_trial_runs_again_and_is_not_charged(rgb_folder, cache_dir, tmp_path, monkeypatch, capsys):
+    """Ctrl-C in the middle of a trial: the rerun trains that trial's config again (the search chose it and never
+    saw its result), its lost epochs are not charged to the budget, and no config is asked twice otherwise."""
+    storage = f"sqlite:///{tmp_path / 'live.db'}"
+    args = ["--name", "live", "--storage", storage, "--arms", "random", "--repeats", "1", "--trials", "3",
+            "--max-epochs", "2", "--dataset", str(rgb_folder), "--cache-dir", str(cache_dir), "--val-split", "0.25",
+            "--device", "cpu", "--precision", "fp32", "--quiet"]
+    real, calls = bench.train._train_epoch, []
+
+    def interrupted_in_the_fourth_epoch(*a, **k):  # the second trial's second epoch
+        calls.append(1)
+        if len(calls) == 4:
+            raise KeyboardInterrupt
+        return real(*a, **k)
+
+    monkeypatch.setattr(bench.train, "_train_epoch", interrupted_in_the_fourth_epoch)
+    assert run_cli(main, args) == 130
+    study = _studies(storage)["live.random.r0"]
+    stopped = study.trials[1]
+    assert stopped.state == optuna.trial.TrialState.FAIL and stopped.user_attrs[Attr.FAIL_REASON] == "interrupted"
+    assert stopped.user_attrs[Attr.EPOCHS_RUN] == 1 and epochs_consumed(study) == 2  # its epoch is not charged
+    monkeypatch.setattr(bench.train, "_train_epoch", real)
+    assert run_cli(main, args) == 0
+    assert "trials [1] were interrupted; queued their parameters again" in capsys.readouterr().out
+    study = _studies(storage)["live.random.r0"]
+    complete = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
+    assert len(complete) == 3 and epochs_consumed(study) == 6  # the budget: 6 epochs the search chose to spend
+    assert [t.params for t in complete if t.user_attrs.get(Attr.RETRY_OF) == 1] == [stopped.params]
+    assert len({tuple(sorted(t.params.items())) for t in complete}) == 3
+    summary = analyse(storage, "live").studies.iloc[0]
+    assert (summary["n_fail"], summary["n_interrupted"], summary["epochs_consumed"]) == (0, 1, 6)
+    assert run_cli(main, args) == 0  # done: nothing is queued twice
+    assert len(_studies(storage)["live.random.r0"].trials) == len(study.trials)
 
 def test_a_study_another_process_runs_is_left_to_it(tmp_path, capsys):
     from bench.locks import RunLock

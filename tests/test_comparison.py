@@ -32,6 +32,7 @@ from bench.errors import UsageError
 from bench.schema import Attr, StudyAttr
 
 C, P, F = TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL
+INTERRUPTED = "interrupted"  # a FAIL stopped from outside (Ctrl-C): bench.compare reruns it and does not charge it
 X = FloatDistribution(0.0, 1.0)
 
 
@@ -48,6 +49,10 @@ def add_study(storage: optuna.storages.BaseStorage, name: str, arm: str, repeat:
         study.set_user_attr(key, value)
     for i, (state, val, test, epochs) in enumerate(trials):
         user = {Attr.EPOCHS_RUN: epochs, Attr.VAL_ACC: val, Attr.TRAIN_SECONDS: 2.0 * epochs, Attr.SAMPLER_SECONDS: 0.5}
+        if state in (F, INTERRUPTED):
+            user |= {Attr.STOP_REASON: "failed",
+                     Attr.FAIL_REASON: "interrupted" if state == INTERRUPTED else "RuntimeError: the config failed"}
+            state = F
         if test is not None:
             user[Attr.TEST_ACC] = test
         study.add_trial(create_trial(
@@ -67,13 +72,16 @@ def quiet():
 
 def test_the_frame_counts_pruned_epochs_and_the_incumbent_ignores_pruned_trials(storage):
     add_study(storage, "cmp", "tpe+median", 0, [(P, 0.9, None, 3), (C, 0.5, 0.45, 10), (P, 0.95, 0.9, 2),
-                                                (C, 0.6, 0.58, 10), (F, math.nan, None, 4)])
+                                                (C, 0.6, 0.58, 10), (F, math.nan, None, 4),
+                                                (INTERRUPTED, math.nan, None, 6)])
     add_study(storage, "other", "tpe", 0, [(C, 0.99, 0.99, 10)])  # another comparison in the same storage
     trials = comparison_trials(storage, "cmp")
-    assert list(trials["number"]) == [0, 1, 2, 3, 4]
-    assert list(trials["cum_epochs"]) == [3, 13, 15, 25, 29]  # pruned and failed epochs count
-    assert list(trials["cum_trials"]) == [1, 2, 3, 4, 4]  # a failed trial does not use up the trial count
-    assert trials["cum_seconds"].iloc[-1] == pytest.approx(2.0 * 29 + 0.5 * 5)
+    assert list(trials["number"]) == [0, 1, 2, 3, 4, 5]
+    assert list(trials["cum_epochs"]) == [3, 13, 15, 25, 29, 29]  # pruned and failed epochs count, interrupted ones not
+    assert list(trials["cum_trials"]) == [1, 2, 3, 4, 4, 4]  # a failed trial does not use up the trial count
+    assert trials["cum_seconds"].iloc[-1] == pytest.approx(2.0 * 35 + 0.5 * 6)  # the time it took is spent, though
+    study = load_comparison(storage, "cmp")[1].iloc[0]
+    assert (study["n_fail"], study["n_interrupted"], study["epochs_consumed"]) == (1, 1, 29)
     assert not trials["replayed"].any() and set(trials["arm"]) == {"tpe+median"}
     curves = anytime(trials, "cum_epochs", [2, 3, 12, 13, 14, 15, 25, 100])
     assert curves["val_acc"].iloc[:2].isna().all()  # before the first complete trial: NaN, even after a pruned 0.9

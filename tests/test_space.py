@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 
 import optuna
 import pytest
@@ -101,3 +102,27 @@ def test_every_sampler_and_pruner_drives_the_space(sampler_name, pruner_name):
     study.optimize(objective, n_trials=4)
     assert len(study.trials) == 4
     assert config_from_params(study.trials[0].params) == BASELINE.replace(epochs=3)
+
+
+@pytest.mark.parametrize("sampler_name", sorted(SAMPLERS))
+def test_a_resumed_study_asks_what_an_unbroken_one_would(sampler_name, tmp_path):
+    """A resume is a new process with a new sampler: it must go on with the configs an unbroken run asks next, not
+    start its random stream again (which asked the first configs a second time)."""
+    space = build_space(max_epochs=3)
+    grid_only = sampler_name == "grid"
+
+    def objective(trial):
+        cfg = config_from_params(suggest(trial, space, grid_only=grid_only))
+        return -abs(math.log10(cfg.lr) + 2.5) + 0.1 * cfg.width + 0.05 * cfg.batch_norm
+
+    def run(storage, pieces):
+        for trials in pieces:  # each piece: a fresh sampler, as a rerun of the same command builds
+            study = optuna.create_study(study_name="s", storage=storage, direction="maximize", load_if_exists=True,
+                                        sampler=create_sampler(sampler_name, 7, space))
+            study.optimize(objective, n_trials=trials)
+        return [t.params for t in study.trials]
+
+    unbroken = run(f"sqlite:///{tmp_path / 'unbroken.db'}", [12])
+    resumed = run(f"sqlite:///{tmp_path / 'resumed.db'}", [5, 4, 3])
+    assert resumed == unbroken
+    assert len({tuple(sorted(p.items())) for p in unbroken}) == 12  # and no config was asked twice

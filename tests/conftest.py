@@ -1,6 +1,6 @@
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -27,3 +27,23 @@ def pack_kernels(request: pytest.FixtureRequest) -> Iterator[str]:
             yield request.param
     else:
         yield request.param
+
+
+@pytest.fixture
+def ctrl_c(monkeypatch: pytest.MonkeyPatch) -> Callable[[object, str, int], Callable[[], None]]:
+    """ctrl_c(owner, "name", n): `owner.name` raises KeyboardInterrupt, as Ctrl-C would, on its n-th call (the calls
+    before run as usual). Returns a function that puts the real one back, for the rerun."""
+
+    def interrupt(owner: object, name: str, on_call: int) -> Callable[[], None]:
+        real, calls = getattr(owner, name), []
+
+        def interrupted(*args: object, **kwargs: object) -> object:
+            calls.append(1)
+            if len(calls) == on_call:
+                raise KeyboardInterrupt
+            return real(*args, **kwargs)
+
+        monkeypatch.setattr(owner, name, interrupted)
+        return lambda: monkeypatch.setattr(owner, name, real)
+
+    return interrupt

@@ -60,23 +60,15 @@ def test_a_replayed_comparison_is_paired_within_budget_and_resumes(tmp_path, cap
 
 
 def test_a_live_comparison_trains_resumes_after_an_interrupt_and_refuses_bad_input(rgb_folder, cache_dir, tmp_path,
-                                                                                  monkeypatch, capsys):
+                                                                                  ctrl_c, capsys):
     storage = f"sqlite:///{tmp_path / 'live.db'}"
     args = ["--name", "live", "--storage", storage, "--arms", "random,tpe+median", "--repeats", "2", "--trials", "2",
             "--max-epochs", "1", "--dataset", str(rgb_folder), "--cache-dir", str(cache_dir), "--val-split", "0.25",
             "--device", "cpu", "--precision", "fp32", "--quiet"]
-    real, calls = bench.compare.run_packs, []
-
-    def interrupted_on_the_third(*a, **k):
-        calls.append(1)
-        if len(calls) == 3:
-            raise KeyboardInterrupt
-        return real(*a, **k)
-
-    monkeypatch.setattr(bench.compare, "run_packs", interrupted_on_the_third)
+    release = ctrl_c(bench.compare, "run_packs", 3)
     assert run_cli(main, args) == 130
     assert "rerun the same command" in capsys.readouterr().err
-    monkeypatch.setattr(bench.compare, "run_packs", real)
+    release()
     assert run_cli(main, args) == 0
     studies = _studies(storage)
     assert len(studies) == 4 and all(epochs_consumed(s) >= 2 for s in studies.values())
@@ -87,28 +79,20 @@ def test_a_live_comparison_trains_resumes_after_an_interrupt_and_refuses_bad_inp
 
 
 
-def test_an_interrupted_trial_runs_again_and_is_not_charged(rgb_folder, cache_dir, tmp_path, monkeypatch, capsys):
+def test_an_interrupted_trial_runs_again_and_is_not_charged(rgb_folder, cache_dir, tmp_path, ctrl_c, capsys):
     """Ctrl-C in the middle of a trial: the rerun trains that trial's config again (the search chose it and never
     saw its result), its lost epochs are not charged to the budget, and no config is asked twice otherwise."""
     storage = f"sqlite:///{tmp_path / 'live.db'}"
     args = ["--name", "live", "--storage", storage, "--arms", "random", "--repeats", "1", "--trials", "3",
             "--max-epochs", "2", "--dataset", str(rgb_folder), "--cache-dir", str(cache_dir), "--val-split", "0.25",
             "--device", "cpu", "--precision", "fp32", "--quiet"]
-    real, calls = bench.train._train_epoch, []
-
-    def interrupted_in_the_fourth_epoch(*a, **k):  # the second trial's second epoch
-        calls.append(1)
-        if len(calls) == 4:
-            raise KeyboardInterrupt
-        return real(*a, **k)
-
-    monkeypatch.setattr(bench.train, "_train_epoch", interrupted_in_the_fourth_epoch)
+    release = ctrl_c(bench.train, "_train_epoch", 4)  # in the second trial's second epoch
     assert run_cli(main, args) == 130
     study = _studies(storage)["live.random.r0"]
     stopped = study.trials[1]
     assert stopped.state == optuna.trial.TrialState.FAIL and stopped.user_attrs[Attr.FAIL_REASON] == "interrupted"
     assert stopped.user_attrs[Attr.EPOCHS_RUN] == 1 and epochs_consumed(study) == 2  # its epoch is not charged
-    monkeypatch.setattr(bench.train, "_train_epoch", real)
+    release()
     assert run_cli(main, args) == 0
     assert "trials [1] were interrupted; queued their parameters again" in capsys.readouterr().out
     study = _studies(storage)["live.random.r0"]

@@ -119,26 +119,19 @@ def _cells(study):
     return done
 
 
-def test_a_killed_matrix_rerun_finishes_with_exactly_n_seeds_per_cell(rgb_folder, cache_dir, tmp_path, monkeypatch):
+def test_a_killed_matrix_rerun_finishes_with_exactly_n_seeds_per_cell(rgb_folder, cache_dir, tmp_path, monkeypatch,
+                                                                       ctrl_c):
     import bench.objective
 
     _small_design(monkeypatch)
     args, storage = _matrix_args(rgb_folder, cache_dir, tmp_path)
-    real_fit, calls = bench.objective.fit_pack, []
-
-    def interrupted_on_the_fourth(*a, **k):
-        calls.append(1)
-        if len(calls) == 4:
-            raise KeyboardInterrupt
-        return real_fit(*a, **k)
-
-    monkeypatch.setattr(bench.objective, "fit_pack", interrupted_on_the_fourth)
+    release = ctrl_c(bench.objective, "fit_pack", 4)
     assert run_cli(main, args) == 130
     study = optuna.load_study(study_name="m", storage=storage)
     study.ask()  # a hard kill (SIGKILL) leaves the next cell RUNNING forever
     states = [t.state.name for t in study.trials]
     assert "RUNNING" in states and "FAIL" in states
-    monkeypatch.setattr(bench.objective, "fit_pack", real_fit)
+    release()
     assert run_cli(main, args) == 0
     study = optuna.load_study(study_name="m", storage=storage)
     assert {cell: sorted(seeds) for cell, seeds in _cells(study).items()} == {

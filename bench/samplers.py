@@ -16,12 +16,15 @@ from bench.space import Param, grid_search_space
 
 def reseed(sampler: optuna.samplers.BaseSampler, seed: int, trial_number: int) -> None:
     """Reseed every random state of `sampler` (and of the samplers it holds: TPE's and CMA-ES's start-up sampler)
-    from (seed, trial number, which state)."""
+    from (seed, trial number, the owner's class, the state's name). The owner's class, not its place: TPE's start-up
+    RandomSampler then draws what the random arm's RandomSampler draws for the same trial, so in a comparison the
+    arms' random start-up trials are the same configs (common random numbers: the arms differ where they search)."""
     states = [sampler]
-    for depth, owner in enumerate(states):
+    for owner in states:
         for key, value in vars(owner).items():
             if isinstance(value, LazyRandomState):
-                entropy = np.random.SeedSequence([seed, trial_number, depth, zlib.crc32(key.encode())])
+                entropy = np.random.SeedSequence([seed, trial_number, zlib.crc32(type(owner).__name__.encode()),
+                                                  zlib.crc32(key.encode())])
                 setattr(owner, key, LazyRandomState(int(entropy.generate_state(1)[0])))
             elif isinstance(value, optuna.samplers.BaseSampler):
                 states.append(value)

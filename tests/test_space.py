@@ -126,3 +126,17 @@ def test_a_resumed_study_asks_what_an_unbroken_one_would(sampler_name, tmp_path)
     resumed = run(f"sqlite:///{tmp_path / 'resumed.db'}", [5, 4, 3])
     assert resumed == unbroken
     assert len({tuple(sorted(p.items())) for p in unbroken}) == 12  # and no config was asked twice
+
+
+def test_the_arms_of_a_comparison_share_their_random_start_up_trials():
+    """Common random numbers: with one seed, TPE's random start-up trials are the random sampler's trials, config for
+    config, so a comparison of the two differs only where TPE models its results."""
+    space = build_space(max_epochs=3)
+
+    def params(sampler_name):
+        study = optuna.create_study(direction="maximize", sampler=create_sampler(sampler_name, 3, space))
+        study.optimize(lambda trial: config_from_params(suggest(trial, space)).lr, n_trials=12)
+        return [t.params for t in study.trials]
+
+    tpe, random = params("tpe"), params("random")
+    assert tpe[:10] == random[:10] and tpe[10:] != random[10:]  # TPE models from its 11th trial on

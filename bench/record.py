@@ -123,11 +123,12 @@ def _params(t: FrozenTrial) -> dict[str, Any]:
     return dict(t.params) or dict(t.system_attrs.get("fixed_params", {}))
 
 
-def covered(study: optuna.Study, free: tuple[Param, ...], fixed: dict[str, Any]) -> set[tuple[str, int]]:
-    """(config key, seed) of every run that finished, waits or runs: what a resumed recording does not enqueue.
-    Failed runs are not covered: they train again."""
+def covered(study: optuna.Study, free: tuple[Param, ...], fixed: dict[str, Any],
+            states: tuple[TrialState, ...] = (*FINISHED, TrialState.WAITING, TrialState.RUNNING)) -> set[tuple[str, int]]:
+    """(config key, seed) of every run in `states`; by default those that finished, wait or run: what a resumed
+    recording does not enqueue. Failed runs are not covered: they train again."""
     done = set()
-    for t in study.get_trials(deepcopy=False, states=(*FINISHED, TrialState.WAITING, TrialState.RUNNING)):
+    for t in study.get_trials(deepcopy=False, states=states):
         if Attr.SEED in t.user_attrs:
             values = dataclasses.asdict(config_from_params(_params(t)))
             done.add((config_key(active_params(values, free, fixed)), int(t.user_attrs[Attr.SEED])))
@@ -230,14 +231,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         for row, seed in todo:  # a config's seeds together: one shape, one sub-pack
             study.enqueue_trial(rows[row] | fixed, user_attrs={Attr.SEED: seed})
     total = len(rows) * len(seeds)
+    recorded = covered(study, free, fixed, states=FINISHED)
+    already = sum((config_key(r), seed) in recorded for r in rows for seed in seeds)
     print(f"recording {name!r} ({redact(storage_url)}): {len(rows)} configs ({args.design}) x {len(seeds)} seeds x "
-          f"{args.epochs} epochs = {total} runs, {total - len(todo)} already there; data {dataset.name} "
+          f"{args.epochs} epochs = {total} runs, {already} already there; data {dataset.name} "
           f"train={len(splits.train)} val={len(splits.val)} test={len(splits.test)}", flush=True)
     trainer = TrialTrainer(splits, space, TrialSettings(
         device=args.device, precision=args.precision, seed=args.seed, progress=not args.quiet,
         compile_model=args.compile, deterministic=args.deterministic, test_each_epoch=True))
     guard = FailureGuard()
-    finished = [total - len(todo)]
+    finished = [already]
 
     def report(s: optuna.Study, t: FrozenTrial) -> None:
         values = dataclasses.asdict(config_from_params(t.params))
@@ -248,7 +251,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, raise_interrupt)
     started = time.perf_counter()
     try:
-        if todo:
+        if already < total:  # runs to enqueue, or queued by an earlier run and not yet trained
             run_packs(study, trainer, None, pack=pack, gate=gate, callbacks=[guard, report], guard=guard,
                       enqueued_only=True, say=lambda line: print(line, flush=True))
     except KeyboardInterrupt:
@@ -268,8 +271,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             "image_size": args.image_size, "storage": redact(storage_url),
             "design": {"kind": args.design, "configs": len(rows), "seeds": seeds, "seed": args.seed}}
     table = table_from_study(study, space, rows=rows, seed_columns=seeds, meta=meta)
-    if todo:
-        print(f"trained {len(todo)} runs in {_duration(time.perf_counter() - started)}", flush=True)
+    if finished[0] > already:
+        print(f"trained {finished[0] - already} runs in {_duration(time.perf_counter() - started)}", flush=True)
     print(write_table(table, out))
     missing = total - int((table.seeds >= 0).sum())
     if missing:

@@ -254,6 +254,26 @@ def test_record_end_to_end_then_resume(recorded, capsys):
     assert load_table(root / "table").fingerprint == table.fingerprint
 
 
+
+def test_an_interrupted_recording_counts_only_finished_runs_as_there(tmp_path, ctrl_c, capsys):
+    """All runs are queued at the start, so a rerun finds the unfinished ones waiting: it trains them and counts only
+    finished runs as already there (it said 3 of 4, and its progress ran past the total)."""
+    import bench.train
+
+    args = ["--out", str(tmp_path / "table"), "--configs", "2", "--seeds", "2", "--epochs", "2", "--dataset",
+            str(make_image_folder(tmp_path / "data")), "--cache-dir", str(tmp_path / "cache"), "--train-subset", "12",
+            "--val-split", "0.25", "--device", "cpu", "--precision", "fp32", "--storage",
+            f"sqlite:///{tmp_path / 'record.db'}", "--quiet"]
+    release = ctrl_c(bench.train, "_train_epoch", 3)  # in the second run
+    assert run_cli(record_main, args) == 130
+    release()
+    capsys.readouterr()
+    assert run_cli(record_main, args) == 0
+    out = capsys.readouterr().out
+    assert "4 runs, 1 already there" in out and "trained 3 runs" in out
+    assert [line.rsplit("[", 1)[1] for line in out.splitlines() if line.startswith("config")] == ["2/4]", "3/4]", "4/4]"]
+    assert load_table(tmp_path / "table").shape == (2, 2, 2)
+
 def test_record_refuses_one_seed(recorded, capsys):
     _, args, _ = recorded
     one = list(args)

@@ -9,6 +9,7 @@ import argparse
 import base64
 import html
 import io
+import math
 import re
 import sys
 import time
@@ -563,7 +564,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                 print(f"  {r.arm:<18} live {r.val_median_live:.4f} [{r.val_low_live:.4f}, {r.val_high_live:.4f}] rank "
                       f"{r.mean_rank_live:.2f} | replay {r.val_median_replay:.4f} [{r.val_low_replay:.4f}, "
                       f"{r.val_high_replay:.4f}] rank {r.mean_rank_replay:.2f} | bands overlap: {'yes' if r.bands_overlap else 'NO'}")
-            print(f"Kendall's tau between the arms' mean ranks: {tau:.2f} ({len(table)} arms)")
+            why = "" if math.isfinite(tau) else (": undefined, fewer than 2 arms in both" if len(table) < 2 else
+                                                 ": undefined, the arms tie in rank on one side")
+            print(f"Kendall's tau between the arms' mean ranks: {tau:.2f} ({len(table)} arms){why}")
         return 0
     study, _ = load_existing_study(args.study, args.storage)
     out = Path(args.out) if args.out else Path("reports") / re.sub(r"[^\w.-]", "_", args.study)

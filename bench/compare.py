@@ -42,9 +42,9 @@ from bench.objective import TrialSettings, TrialTrainer
 from bench.replay import ReplayTrainer, load_table
 from bench.runner import FailureGuard, run_packs
 from bench.samplers import PRUNERS, SAMPLERS, create_pruner, create_sampler
-from bench.schema import Attr, StudyAttr, stopped_from_outside
+from bench.schema import Attr, StudyAttr, trial_stopped_from_outside
 from bench.space import fixed_budget_space
-from bench.storage import compare_storage, fail_orphans, open_storage, open_study, requeue_stopped
+from bench.storage import compare_storage, fail_orphans, open_storage, open_study, requeue_stopped, stopped_without_rerun
 
 COMPARABLE_SAMPLERS = tuple(s for s in SAMPLERS if s != "grid")  # a grid is a design, not a search to rank
 REPEAT_SEED_STRIDE = 10_000  # trial seeds of repeat r: seed + r * stride + trial number (distinct across repeats)
@@ -87,11 +87,23 @@ def epochs_consumed(study: optuna.Study) -> int:
     stopped from outside (interrupted, orphaned): the search did not choose to stop them, and they run again."""
     total = 0
     for t in study.get_trials(deepcopy=False):
-        if stopped_from_outside(t.state.name, t.user_attrs.get(Attr.STOP_REASON), t.user_attrs.get(Attr.FAIL_REASON)):
+        if trial_stopped_from_outside(t):
             continue
         run = t.user_attrs.get(Attr.EPOCHS_RUN)
         total += int(run) if run is not None and t.state != TrialState.RUNNING else len(t.intermediate_values)
     return total
+
+
+def waiting(study: optuna.Study) -> bool:
+    return bool(study.get_trials(deepcopy=False, states=(TrialState.WAITING,)))
+
+
+def settled(study: optuna.Study, budget: int) -> bool:
+    """Nothing left to run: the budget is spent, and no trial waits, runs (perhaps an orphan), or was stopped from
+    outside without its rerun queued."""
+    if epochs_consumed(study) >= budget and not waiting(study) and not stopped_without_rerun(study):
+        return not study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
+    return False
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -159,7 +171,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 study.set_user_attr(StudyAttr.REPLAY, replay)
             else:
                 record_budget(study, splits)
-            if epochs_consumed(study) >= budget:
+            if settled(study, budget):
                 continue
             lock = RunLock(storage_url, name)  # held while this process runs the study (released when it is done)
             if storage_file(storage_url) is not None:
@@ -167,7 +179,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                     print(f"{name}: another process is running it; skipped (rerun to finish it after that one)", flush=True)
                     continue
                 fail_orphans(study, "found running at start", requeue=False)  # nobody else runs it: they are orphans
-                requeue_stopped(study)  # so a resumed study is the study an unbroken run would have made
+            # on a server database Optuna's heartbeats fail orphans; either way, the configs the search chose and
+            # never saw run again, even where the budget is spent without them
+            requeue_stopped(study)
             seed = args.seed + repeat * REPEAT_SEED_STRIDE
             if replay:
                 trainer: TrialTrainer = ReplayTrainer(table, space, repeat=repeat, seed=seed)
@@ -189,7 +203,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                                            pruner=create_pruner(arm.pruner, max_epochs))
             try:
                 run_packs(work, trainer, budget, pack=pack, callbacks=callbacks, guard=guard,
-                          stop=lambda s=work: epochs_consumed(s) >= budget, say=lambda line: print(line, flush=True))
+                          stop=lambda s=work: epochs_consumed(s) >= budget and not waiting(s), say=lambda line: print(line, flush=True))
                 if work is not study:
                     study.add_trials(work.get_trials(deepcopy=False))
             except KeyboardInterrupt:

@@ -36,7 +36,7 @@ import pandas as pd
 from scipy import stats as sstats
 
 from bench.errors import UsageError
-from bench.schema import Attr, StudyAttr, stopped_from_outside
+from bench.schema import Attr, StudyAttr, trial_stopped_from_outside
 from bench.stats import CONFIDENCE, holm
 
 REFERENCE_ARM = "random"
@@ -104,7 +104,7 @@ def load_comparison(storage: str | optuna.storages.BaseStorage, name: str) -> tu
         for t in trials:
             ua = t.user_attrs
             state = t.state.name
-            outside = stopped_from_outside(state, ua.get(Attr.STOP_REASON), ua.get(Attr.FAIL_REASON))
+            outside = trial_stopped_from_outside(t)
             interrupted += outside
             states.append(state)
             epochs = _num(ua, Attr.EPOCHS_RUN)

@@ -30,46 +30,58 @@ def reseed(sampler: optuna.samplers.BaseSampler, seed: int, trial_number: int) -
                 states.append(value)
 
 
-def _trial_seeded(cls: type[optuna.samplers.BaseSampler]) -> type[optuna.samplers.BaseSampler]:
-    """`cls` whose draws for a trial depend on (seed, trial number, the study so far), not on how many draws this
-    process made before: a resumed study (a new process, a new sampler) otherwise starts its random stream again and
-    asks the configs it already tried (measured: a resumed 8-trial random study of bench.compare repeated 2 of its
+class _TrialSeeded:
+    """Mixin: a sampler whose draws for a trial depend on (seed, trial number, the study so far), not on how many draws
+    this process made before: a resumed study (a new process, a new sampler) otherwise starts its random stream again
+    and asks the configs it already tried (measured: a resumed 8-trial random study of bench.compare repeated 2 of its
     first configs), and a second worker with the same seed asks what the first asked."""
 
-    class TrialSeeded(cls):  # type: ignore[valid-type, misc]
-        def __init__(self, *args: Any, seed: int, **kwargs: Any) -> None:
-            super().__init__(*args, seed=seed, **kwargs)
-            self._bench_seed = seed
+    def __init__(self, *args: Any, seed: int, **kwargs: Any) -> None:
+        super().__init__(*args, seed=seed, **kwargs)  # type: ignore[call-arg]
+        self._bench_seed = seed
 
-        def before_trial(self, study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
-            reseed(self, self._bench_seed, trial.number)
-            super().before_trial(study, trial)
-
-    TrialSeeded.__name__ = TrialSeeded.__qualname__ = cls.__name__
-    return TrialSeeded
+    def before_trial(self, study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
+        reseed(self, self._bench_seed, trial.number)  # type: ignore[arg-type]
+        super().before_trial(study, trial)  # type: ignore[misc]
 
 
-_TPE, _RANDOM, _CMAES, _QMC, _GRID = map(_trial_seeded, (optuna.samplers.TPESampler, optuna.samplers.RandomSampler,
-                                                          optuna.samplers.CmaEsSampler, optuna.samplers.QMCSampler,
-                                                          optuna.samplers.GridSampler))
+# Optuna's samplers with the mixin, under Optuna's names (reseed keys random states by the owner's class name)
+class TPESampler(_TrialSeeded, optuna.samplers.TPESampler):
+    pass
+
+
+class RandomSampler(_TrialSeeded, optuna.samplers.RandomSampler):
+    pass
+
+
+class CmaEsSampler(_TrialSeeded, optuna.samplers.CmaEsSampler):
+    pass
+
+
+class QMCSampler(_TrialSeeded, optuna.samplers.QMCSampler):
+    pass
+
+
+class GridSampler(_TrialSeeded, optuna.samplers.GridSampler):
+    pass
 
 
 def _tpe(seed: int, space: tuple[Param, ...]) -> optuna.samplers.BaseSampler:
     # multivariate + group: conditional parameters are modelled jointly with their parents; constant_liar:
     # trials asked while others run (a pack, other workers) see those as bad results, so a pack is not K
     # copies of one guess
-    return _TPE(seed=seed, multivariate=True, group=True, n_startup_trials=10, constant_liar=True)
+    return TPESampler(seed=seed, multivariate=True, group=True, n_startup_trials=10, constant_liar=True)
 
 
 def _grid(seed: int, space: tuple[Param, ...]) -> optuna.samplers.BaseSampler:
-    return _GRID(grid_search_space(space), seed=seed)
+    return GridSampler(grid_search_space(space), seed=seed)
 
 
 SAMPLERS: dict[str, Callable[[int, tuple[Param, ...]], optuna.samplers.BaseSampler]] = {
     "tpe": _tpe,
-    "random": lambda seed, space: _RANDOM(seed=seed),
-    "cmaes": lambda seed, space: _CMAES(seed=seed, warn_independent_sampling=False),
-    "qmc": lambda seed, space: _QMC(seed=seed, warn_independent_sampling=False),
+    "random": lambda seed, space: RandomSampler(seed=seed),
+    "cmaes": lambda seed, space: CmaEsSampler(seed=seed, warn_independent_sampling=False),
+    "qmc": lambda seed, space: QMCSampler(seed=seed, warn_independent_sampling=False),
     "grid": _grid,
 }
 

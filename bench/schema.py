@@ -1,11 +1,13 @@
 """What bench stores in an Optuna storage, beside Optuna's own columns: the keys of trial and study user attributes.
 
 Every module that writes or reads a stored study (the runner, the commands, the report, the analysis) reads the keys
-from here, so a stored study means the same thing to all of them. This module imports nothing: the report and the
-analysis read studies without importing torch.
+from here, so a stored study means the same thing to all of them. This module imports nothing of bench or torch: the
+report and the analysis read studies without importing torch.
 """
 
 from __future__ import annotations
+
+from typing import Any
 
 
 class Attr:
@@ -73,3 +75,9 @@ def stopped_from_outside(state: str, stop_reason: object, fail_reason: object) -
     (its process died, so it recorded no reason). Such a trial is run again; it is neither an outcome nor a cost of the
     search that asked it. `state` is the TrialState's name."""
     return state == "FAIL" and stop_reason != "diverged" and (stop_reason != "failed" or fail_reason == "interrupted")
+
+
+def trial_stopped_from_outside(trial: Any) -> bool:
+    """`stopped_from_outside` for an Optuna trial (FrozenTrial)."""
+    attrs = trial.user_attrs
+    return stopped_from_outside(trial.state.name, attrs.get(Attr.STOP_REASON), attrs.get(Attr.FAIL_REASON))

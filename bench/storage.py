@@ -13,12 +13,12 @@ from pathlib import Path
 from typing import Any
 
 import optuna
-from optuna.trial import TrialState
+from optuna.trial import FrozenTrial, TrialState
 
 import bench
 from bench.errors import UsageError, redact
 from bench.locks import storage_file
-from bench.schema import Attr, StudyAttr, stopped_from_outside
+from bench.schema import Attr, StudyAttr, trial_stopped_from_outside
 from bench.space import Param
 
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
@@ -179,15 +179,22 @@ def fail_orphans(study: optuna.Study, reason: str, *, requeue: bool = True) -> l
     return failed
 
 
-def requeue_stopped(study: optuna.Study) -> list[int]:
-    """Enqueue again, once, the parameters of every trial stopped from outside (interrupted or orphaned): the search
-    chose them and never saw their result. Returns the numbers of the trials requeued."""
+def stopped_without_rerun(study: optuna.Study) -> list[FrozenTrial]:
+    """Trials stopped from outside (interrupted or orphaned) whose rerun is not queued: neither by requeue_stopped
+    (user attribute retry_of) nor by Optuna's heartbeat callback (system attribute failed_trial)."""
     trials = study.get_trials(deepcopy=False)
-    retried = {t.user_attrs.get(Attr.RETRY_OF) for t in trials}
-    again = [t for t in trials if t.number not in retried
-             and stopped_from_outside(t.state.name, t.user_attrs.get(Attr.STOP_REASON), t.user_attrs.get(Attr.FAIL_REASON))]
+    retried = {t.user_attrs.get(Attr.RETRY_OF) for t in trials} | {t.system_attrs.get("failed_trial") for t in trials}
+    return [t for t in trials if t.number not in retried and trial_stopped_from_outside(t)]
+
+
+def requeue_stopped(study: optuna.Study) -> list[int]:
+    """Enqueue again, once, the parameters (and seed) of every trial stopped from outside without its rerun queued:
+    the search chose them and never saw their result. Returns the numbers of the trials requeued."""
+    again = stopped_without_rerun(study)
     for t in again:
-        study.enqueue_trial(t.params, user_attrs={Attr.RETRY_OF: t.number})
+        keep = {k: v for k, v in t.user_attrs.items() if k in (Attr.CELL, Attr.SEED)}
+        study.enqueue_trial(t.params, user_attrs=keep | {Attr.RETRY_OF: t.number})
     if again:
-        print(f"{study.study_name}: trials {[t.number for t in again]} were interrupted; queued their parameters again")
+        print(f"{study.study_name}: trials {[t.number for t in again]} were interrupted or orphaned; queued their "
+              "parameters again")
     return [t.number for t in again]

@@ -94,7 +94,7 @@ def test_an_interrupted_trial_runs_again_and_is_not_charged(rgb_folder, cache_di
     assert stopped.user_attrs[Attr.EPOCHS_RUN] == 1 and epochs_consumed(study) == 2  # its epoch is not charged
     release()
     assert run_cli(main, args) == 0
-    assert "trials [1] were interrupted; queued their parameters again" in capsys.readouterr().out
+    assert "trials [1] were interrupted or orphaned; queued their parameters again" in capsys.readouterr().out
     study = _studies(storage)["live.random.r0"]
     complete = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
     assert len(complete) == 3 and epochs_consumed(study) == 6  # the budget: 6 epochs the search chose to spend
@@ -123,3 +123,38 @@ def test_a_study_another_process_runs_is_left_to_it(tmp_path, capsys):
         held.release()
     assert run_cli(main, args) == 0  # that process gone: the study is run
     assert epochs_consumed(_studies(storage)["c.tpe.r0"]) >= 9
+
+
+def test_a_spent_budget_still_reruns_what_was_stopped_from_outside_once(tmp_path):
+    """Trials interrupted (or orphaned) after the others spent the budget run again: the study is not settled until
+    their reruns ran, a rerun is queued once, with its seed, and a retry by Optuna's heartbeat callback counts."""
+    from optuna.distributions import FloatDistribution
+    from optuna.trial import TrialState, create_trial
+
+    from bench.compare import settled
+    from bench.storage import requeue_stopped
+
+    study = optuna.create_study(storage=f"sqlite:///{tmp_path / 's.db'}", direction="maximize")
+
+    def add(state, epochs, x, **attrs):
+        study.add_trial(create_trial(state=state, value=0.5 if state == TrialState.COMPLETE else None, params={"x": x},
+                                     distributions={"x": FloatDistribution(0, 1)},
+                                     user_attrs={Attr.EPOCHS_RUN: epochs, Attr.SEED: int(10 * x)} | attrs))
+
+    add(TrialState.COMPLETE, 3, 0.1)
+    add(TrialState.COMPLETE, 3, 0.2)
+    add(TrialState.FAIL, 2, 0.3, stop_reason="failed", fail_reason="interrupted")
+    add(TrialState.FAIL, 1, 0.4, stop_reason="failed", fail_reason="RuntimeError: the config failed")  # its own fault
+    assert epochs_consumed(study) == 7 and not settled(study, 6)
+    assert requeue_stopped(study) == [2] and requeue_stopped(study) == []
+    rerun = study.get_trials(states=(TrialState.WAITING,))
+    assert [(t.system_attrs["fixed_params"], t.user_attrs[Attr.SEED], t.user_attrs[Attr.RETRY_OF]) for t in rerun] == [
+        ({"x": 0.3}, 3, 2)]
+    assert not settled(study, 6)  # the rerun waits
+    study.tell(study.ask(), 0.6)  # the rerun ran
+    assert settled(study, 6)
+    add(TrialState.FAIL, 0, 0.5)  # an orphan: failed with no reason
+    retry = study.enqueue_trial({"x": 0.5})  # as Optuna's heartbeat callback retries it
+    waiting_id = study.get_trials(states=(TrialState.WAITING,))[0]._trial_id
+    study._storage.set_trial_system_attr(waiting_id, "failed_trial", study.trials[-2].number)
+    assert retry is None and requeue_stopped(study) == []  # already retried: not queued twice

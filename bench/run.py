@@ -39,7 +39,7 @@ from bench.runner import FailureGuard, run_packs
 from bench.samplers import PRUNERS, SAMPLERS, create_pruner, create_sampler
 from bench.schema import Attr, StudyAttr
 from bench.space import PRESETS, build_space, params_for_config, preset_config
-from bench.storage import count_finished, default_storage, fail_orphans, open_storage, open_study
+from bench.storage import count_finished, default_storage, fail_orphans, open_storage, open_study, requeue_stopped
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -117,11 +117,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     study, is_new = open_study(args.study_name, storage, sampler=sampler,
                                pruner=create_pruner(args.pruner, max_epochs), meta=meta, force=args.force)
     run_lock = RunLock(storage_url, args.study_name)
+    gate = TrialGate(storage_url, args.study_name)
     if args.worker_id is None:  # the coordinating process
         if run_lock.try_acquire():  # nobody else runs this file storage: RUNNING trials are orphans
             fail_orphans(study, "found running at start")
         finished = count_finished(study)
         to_add = max(0, args.trials - finished)
+        if to_add and not is_new:
+            with gate:  # once across every process on the study: a trial stopped from outside runs again, with the
+                requeue_stopped(study)  # parameters and seed its search chose (they never saw a result)
         head = f"study {args.study_name!r} ({redact(storage_url)}): {finished} finished trials; adding {to_add} to reach {args.trials}. "
         if table is not None:
             print(head + f"replayed from {replay}: {table.describe()}, {table.train_images} train images "
@@ -160,7 +164,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, raise_interrupt)
     pack = resolve_pack(args.pack, trainer.device)
     callbacks = [guard, lambda s, t: print(prefix + trial_line(t), flush=True)]
-    gate = TrialGate(storage_url, args.study_name)
     try:
         if pack > 1:
             print(f"{prefix}training up to {pack} trials at once in packs (one packed network per shape)", flush=True)

@@ -257,6 +257,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--trials", type=int, default=50, help="trials per simulated study (default: 50)")
     g.add_argument("--sampler", choices=sorted(SAMPLERS), default="tpe", help="sampler (default: tpe)")
     g.add_argument("--pruner", choices=sorted(PRUNERS), default="median", help="pruner (default: median)")
+    g.add_argument("--packed-trials", type=int, default=None, metavar="N",
+                   help="trials per packed study, solo keeping --trials (default: the same as --trials)")
     g.add_argument("--pack-per-shape", type=int, default=None, metavar="N",
                    help="members one sampled architecture may bring into a pack (default: bench.run's)")
     return parser
@@ -329,10 +331,12 @@ def simulate(args: argparse.Namespace) -> int:
         raise UsageError("--pack sizes and --trials must be 1 or more, --repeats 2 or more (a paired interval)")
     if args.pack_per_shape is not None and args.pack_per_shape < 1:
         raise UsageError(f"--pack-per-shape must be 1 or more, got {args.pack_per_shape}")
+    if args.packed_trials is not None and args.packed_trials < 1:
+        raise UsageError(f"--packed-trials must be 1 or more, got {args.packed_trials}")
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     t0 = time.perf_counter()
     print("\n".join(compare_packs(sizes, args.repeats, args.trials, per_shape=args.pack_per_shape,
-                                  sampler=args.sampler, pruner=args.pruner)))
+                                  sampler=args.sampler, pruner=args.pruner, packed_trials=args.packed_trials)))
     print(f"({time.perf_counter() - t0:.0f} s)")
     return 0
 

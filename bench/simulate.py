@@ -127,15 +127,18 @@ def simulate_search(pack: int, trials: int, repeat: int, *, sampler: str = "tpe"
 
 
 def compare_packs(packs: Sequence[int], repeats: int, trials: int, *, per_shape: int | None = None,
-                  sampler: str = "tpe", pruner: str = "median") -> list[str]:
+                  sampler: str = "tpe", pruner: str = "median", packed_trials: int | None = None) -> list[str]:
     """Lines: per pack size, distinct shapes, best value (and the paired difference from solo, 95% interval), mean
-    occupancy and members per launch over `repeats` paired repeats."""
+    occupancy and members per launch over `repeats` paired repeats. `packed_trials`: packed studies get that many
+    trials while solo keeps `trials` (how many a packed study needs to find what solo finds)."""
     sizes = sorted(set(packs) | {1})
-    runs = {k: [simulate_search(k, trials, r, sampler=sampler, pruner=pruner, per_shape=per_shape)
-                for r in range(repeats)] for k in sizes}
+    packed_trials = packed_trials or trials
+    runs = {k: [simulate_search(k, trials if k == 1 else packed_trials, r, sampler=sampler, pruner=pruner,
+                                per_shape=per_shape) for r in range(repeats)] for k in sizes}
     solo = runs[1]
-    lines = [f"search simulator: {trials} trials, {sampler} + {pruner}, {repeats} paired repeats (synthetic landscape)",
-             f"{'pack':>5} {'shapes':>7} {'of solo':>8} {'best val':>9} {'best - solo [95% CI]':>24} "
+    budget = f"{trials} trials" + ("" if packed_trials == trials else f" solo, {packed_trials} packed")
+    lines = [f"search simulator: {budget}, {sampler} + {pruner}, {repeats} paired repeats (synthetic landscape)",
+             f"{'pack':>5} {'trials':>6} {'shapes':>7} {'of solo':>8} {'best val':>9} {'best - solo [95% CI]':>24} "
              f"{'occupancy':>10} {'per launch':>11}"]
     for k in sizes:
         rs = runs[k]
@@ -143,7 +146,8 @@ def compare_packs(packs: Sequence[int], repeats: int, trials: int, *, per_shape:
         best = np.array([r.best_value for r in rs])
         diff = paired_diff(best, np.array([r.best_value for r in solo]))
         ci = "-" if k == 1 else f"{diff.mean:+.4f} [{diff.low:+.4f}, {diff.high:+.4f}]"
-        lines.append(f"{k:>5} {shapes:>7.1f} {shapes / np.mean([r.distinct_shapes for r in solo]):>8.0%} "
+        of_solo = shapes / np.mean([r.distinct_shapes for r in solo])
+        lines.append(f"{k:>5} {trials if k == 1 else packed_trials:>6} {shapes:>7.1f} {of_solo:>8.0%} "
                      f"{best.mean():>9.4f} {ci:>24} {np.mean([r.occupancy for r in rs]):>10.0%} "
                      f"{np.mean([r.members_per_launch for r in rs]):>11.1f}")
     return lines

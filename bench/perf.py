@@ -266,6 +266,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if not args.simulate_search and (args.packed_trials is not None or args.pack_per_shape is not None):
+        raise UsageError("--packed-trials and --pack-per-shape belong to the search simulator; add --simulate-search")
     if args.simulate_search:
         return simulate(args)
     if args.augment:

@@ -132,7 +132,7 @@ def compare_packs(packs: Sequence[int], repeats: int, trials: int, *, per_shape:
     occupancy and members per launch over `repeats` paired repeats. `packed_trials`: packed studies get that many
     trials while solo keeps `trials` (how many a packed study needs to find what solo finds)."""
     sizes = sorted(set(packs) | {1})
-    packed_trials = packed_trials or trials
+    packed_trials = trials if packed_trials is None else packed_trials
     runs = {k: [simulate_search(k, trials if k == 1 else packed_trials, r, sampler=sampler, pruner=pruner,
                                 per_shape=per_shape) for r in range(repeats)] for k in sizes}
     solo = runs[1]

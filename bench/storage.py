@@ -192,10 +192,11 @@ def stopped_without_rerun(study: optuna.Study) -> list[FrozenTrial]:
     return [t for t in trials if t.number not in retried and trial_stopped_from_outside(t)]
 
 
-def requeue_stopped(study: optuna.Study) -> list[int]:
+def requeue_stopped(study: optuna.Study, limit: int | None = None) -> list[int]:
     """Enqueue again, once, the parameters (and seed) of every trial stopped from outside without its rerun queued:
-    the search chose them and never saw their result. Returns the numbers of the trials requeued."""
-    again = stopped_without_rerun(study)
+    the search chose them and never saw their result. `limit`: at most that many, oldest first (the places left in
+    a trial budget; the others wait for a later run with room). Returns the numbers of the trials requeued."""
+    again = stopped_without_rerun(study)[:limit]
     for t in again:
         _enqueue_again(study, t)
     if again:

@@ -158,3 +158,21 @@ def test_a_spent_budget_still_reruns_what_was_stopped_from_outside_once(tmp_path
     waiting_id = study.get_trials(states=(TrialState.WAITING,))[0]._trial_id
     study._storage.set_trial_system_attr(waiting_id, "failed_trial", study.trials[-2].number)
     assert retry is None and requeue_stopped(study) == []  # already retried: not queued twice
+
+
+def test_reruns_of_stopped_trials_stay_within_the_places_left(tmp_path):
+    """bench.run resumes with `limit` = the trial budget's places left: the oldest stopped trials are queued, the
+    others wait for a run with room (a queued trial past the budget would sit WAITING for ever)."""
+    from optuna.distributions import FloatDistribution
+    from optuna.trial import TrialState, create_trial
+
+    from bench.storage import requeue_stopped
+
+    study = optuna.create_study(storage=f"sqlite:///{tmp_path / 's.db'}", direction="maximize")
+    for x in (0.1, 0.2, 0.3):
+        study.add_trial(create_trial(state=TrialState.FAIL, params={"x": x}, distributions={"x": FloatDistribution(0, 1)},
+                                     user_attrs={"stop_reason": "failed", "fail_reason": "interrupted"}))
+    assert requeue_stopped(study, limit=1) == [0]
+    assert len(study.get_trials(states=(TrialState.WAITING,))) == 1
+    assert requeue_stopped(study, limit=0) == []
+    assert requeue_stopped(study, limit=5) == [1, 2]

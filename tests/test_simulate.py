@@ -156,3 +156,5 @@ def test_the_simulator_gives_packed_studies_their_own_trial_budget(capsys):
     assert simulate_search(4, 9, 0).trials == 9
     assert run_cli(main, ["--simulate-search", "--packed-trials", "0"]) == 2
     assert "--packed-trials must be 1 or more" in capsys.readouterr().err
+    assert run_cli(main, ["--dataset", "x", "--packed-trials", "9"]) == 2  # not a simulation: refused, not ignored
+    assert "add --simulate-search" in capsys.readouterr().err

@@ -178,7 +178,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 if not lock.try_acquire():
                     print(f"{name}: another process is running it; skipped (rerun to finish it after that one)", flush=True)
                     continue
-                fail_orphans(study, "found running at start", requeue=False)  # nobody else runs it: they are orphans
+                fail_orphans(study, "found running at start")  # nobody else runs it: they are orphans
             # on a server database Optuna's heartbeats fail orphans; either way, the configs the search chose and
             # never saw run again, even where the budget is spent without them
             requeue_stopped(study)

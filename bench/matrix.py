@@ -120,7 +120,7 @@ def run_cells(study: optuna.Study, cells: Sequence[Cell], space: tuple, *, train
     (bench.analysis.settle). With `stop_after` (seconds) nothing starts after that time; what runs finishes."""
     if fail_left_running:
         with gate:
-            fail_orphans(study, "found running at start", requeue=False)
+            fail_orphans(study, "found running at start")
     progress = Progress(cells, train_images, study)
 
     def report(s: optuna.Study, t: optuna.trial.FrozenTrial) -> None:

@@ -225,7 +225,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     row_of = {config_key(r): i for i, r in enumerate(rows)}
     with gate:
         if run_lock.try_acquire():  # nobody else records into this study: RUNNING trials are orphans
-            fail_orphans(study, "found running at start", requeue=False)
+            fail_orphans(study, "found running at start")
         done = covered(study, free, fixed)
         todo = [(row, seed) for row in range(len(rows)) for seed in seeds if (config_key(rows[row]), seed) not in done]
         for row, seed in todo:  # a config's seeds together: one shape, one sub-pack

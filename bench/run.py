@@ -124,8 +124,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         finished = count_finished(study)
         to_add = max(0, args.trials - finished)
         if to_add and not is_new:
-            with gate:  # once across every process on the study: a trial stopped from outside runs again, with the
-                requeue_stopped(study, limit=to_add)  # parameters and seed its search chose, within the budget
+            with gate:  # once across every process on the study: a trial stopped from outside (interrupted, or an
+                requeue_stopped(study, limit=to_add)  # orphan failed above) runs again, within the budget
         head = f"study {args.study_name!r} ({redact(storage_url)}): {finished} finished trials; adding {to_add} to reach {args.trials}. "
         if table is not None:
             print(head + f"replayed from {replay}: {table.describe()}, {table.train_images} train images "

@@ -163,24 +163,15 @@ def count_finished(study: optuna.Study) -> int:
     return len(study.get_trials(deepcopy=False, states=FINISHED))
 
 
-def _enqueue_again(study: optuna.Study, trial: FrozenTrial) -> None:
-    """Queue `trial`'s parameters, cell and seed once more, marked as its retry."""
-    keep = {k: v for k, v in trial.user_attrs.items() if k in (Attr.CELL, Attr.SEED)}
-    study.enqueue_trial(trial.params, user_attrs=keep | {Attr.RETRY_OF: trial.number})
-
-
-def fail_orphans(study: optuna.Study, reason: str, *, requeue: bool = True) -> list[int]:
-    """Fail trials left RUNNING by a dead process and (with `requeue`) enqueue each again with the same parameters.
-    A designed matrix does not requeue: it reruns its own cells (bench.matrix.pending) and nothing else."""
+def fail_orphans(study: optuna.Study, reason: str) -> list[int]:
+    """Fail trials left RUNNING by a dead process. Their reruns are requeue_stopped's (bench.run, bench.compare); a
+    designed matrix reruns its own cells (bench.matrix.pending) and nothing else."""
     failed = []
     for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
         study.tell(t.number, state=TrialState.FAIL, skip_if_finished=True)
-        if requeue:
-            _enqueue_again(study, t)
         failed.append(t.number)
     if failed:
-        print(f"trials {failed} were left running by a process that died ({reason}); failed them"
-              + (" and queued their parameters again" if requeue else ""))
+        print(f"trials {failed} were left running by a process that died ({reason}); failed them")
     return failed
 
 
@@ -198,7 +189,8 @@ def requeue_stopped(study: optuna.Study, limit: int | None = None) -> list[int]:
     a trial budget; the others wait for a later run with room). Returns the numbers of the trials requeued."""
     again = stopped_without_rerun(study)[:limit]
     for t in again:
-        _enqueue_again(study, t)
+        keep = {k: v for k, v in t.user_attrs.items() if k in (Attr.CELL, Attr.SEED)}
+        study.enqueue_trial(t.params, user_attrs=keep | {Attr.RETRY_OF: t.number})
     if again:
         print(f"{study.study_name}: trials {[t.number for t in again]} were interrupted or orphaned; queued their "
               "parameters again")

@@ -133,8 +133,9 @@ def compare_packs(packs: Sequence[int], repeats: int, trials: int, *, per_shape:
     trials while solo keeps `trials` (how many a packed study needs to find what solo finds)."""
     sizes = sorted(set(packs) | {1})
     packed_trials = trials if packed_trials is None else packed_trials
-    runs = {k: [simulate_search(k, trials if k == 1 else packed_trials, r, sampler=sampler, pruner=pruner,
-                                per_shape=per_shape) for r in range(repeats)] for k in sizes}
+    budget_of = {k: trials if k == 1 else packed_trials for k in sizes}
+    runs = {k: [simulate_search(k, budget_of[k], r, sampler=sampler, pruner=pruner, per_shape=per_shape)
+                for r in range(repeats)] for k in sizes}
     solo = runs[1]
     budget = f"{trials} trials" + ("" if packed_trials == trials else f" solo, {packed_trials} packed")
     lines = [f"search simulator: {budget}, {sampler} + {pruner}, {repeats} paired repeats (synthetic landscape)",
@@ -147,7 +148,7 @@ def compare_packs(packs: Sequence[int], repeats: int, trials: int, *, per_shape:
         diff = paired_diff(best, np.array([r.best_value for r in solo]))
         ci = "-" if k == 1 else f"{diff.mean:+.4f} [{diff.low:+.4f}, {diff.high:+.4f}]"
         of_solo = shapes / np.mean([r.distinct_shapes for r in solo])
-        lines.append(f"{k:>5} {trials if k == 1 else packed_trials:>6} {shapes:>7.1f} {of_solo:>8.0%} "
+        lines.append(f"{k:>5} {budget_of[k]:>6} {shapes:>7.1f} {of_solo:>8.0%} "
                      f"{best.mean():>9.4f} {ci:>24} {np.mean([r.occupancy for r in rs]):>10.0%} "
                      f"{np.mean([r.members_per_launch for r in rs]):>11.1f}")
     return lines

@@ -261,13 +261,18 @@ def build_parser() -> argparse.ArgumentParser:
                    help="trials per packed study, solo keeping --trials (default: the same as --trials)")
     g.add_argument("--pack-per-shape", type=int, default=None, metavar="N",
                    help="members one sampled architecture may bring into a pack (default: bench.run's)")
+    g.add_argument("--plain-batches", action="store_true",
+                   help="also ask the sampler in plain batches of each size (no runner, no pruning): what asking in "
+                        "parallel costs with no packing in it")
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    if not args.simulate_search and (args.packed_trials is not None or args.pack_per_shape is not None):
-        raise UsageError("--packed-trials and --pack-per-shape belong to the search simulator; add --simulate-search")
+    if not args.simulate_search and (args.packed_trials is not None or args.pack_per_shape is not None
+                                     or args.plain_batches):
+        raise UsageError("--packed-trials, --pack-per-shape and --plain-batches belong to the search simulator; "
+                         "add --simulate-search")
     if args.simulate_search:
         return simulate(args)
     if args.augment:
@@ -338,7 +343,8 @@ def simulate(args: argparse.Namespace) -> int:
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     t0 = time.perf_counter()
     print("\n".join(compare_packs(sizes, args.repeats, args.trials, per_shape=args.pack_per_shape,
-                                  sampler=args.sampler, pruner=args.pruner, packed_trials=args.packed_trials)))
+                                  sampler=args.sampler, pruner=args.pruner, packed_trials=args.packed_trials,
+                                  plain_batches=args.plain_batches)))
     print(f"({time.perf_counter() - t0:.0f} s)")
     return 0
 

@@ -126,11 +126,35 @@ def simulate_search(pack: int, trials: int, repeat: int, *, sampler: str = "tpe"
                      stats.members_per_launch, len(finished))
 
 
+def plain_batch_search(batch: int, trials: int, repeat: int, *, sampler: str = "tpe", max_epochs: int = 30) -> float:
+    """The reference for the packed search's cost: the best value of `trials` asked from the sampler in plain batches
+    of `batch` (ask `batch`, then tell them all), with no bench runner, no pruning and no followers; each trial's value
+    is its last epoch's on the landscape of `repeat`, as a run that is never pruned ends. What Optuna's own sampler
+    loses by being asked `batch` at a time, whatever runs the trials."""
+    space = build_space(max_epochs)
+    study = optuna.create_study(storage=optuna.storages.InMemoryStorage(), direction="maximize",
+                                sampler=create_sampler(sampler, repeat, space))
+    study.enqueue_trial(params_for_config(BASELINE, space))
+    trainer = SimulatedTrainer(space, landscape=repeat, grid_only=sampler == "grid")
+    while len(study.trials) < trials:
+        asked = []
+        for _ in range(min(batch, trials - len(study.trials))):
+            trial = study.ask()
+            member = trainer.member(trial)
+            asked.append((trial, accuracy_at(member.cfg, member.cfg.epochs, member.seed, repeat)))
+        for trial, value in asked:
+            study.tell(trial, value)
+    return float(study.best_value)
+
+
 def compare_packs(packs: Sequence[int], repeats: int, trials: int, *, per_shape: int | None = None,
-                  sampler: str = "tpe", pruner: str = "median", packed_trials: int | None = None) -> list[str]:
+                  sampler: str = "tpe", pruner: str = "median", packed_trials: int | None = None,
+                  plain_batches: bool = False) -> list[str]:
     """Lines: per pack size, distinct shapes, best value (and the paired difference from solo, 95% interval), mean
     occupancy and members per launch over `repeats` paired repeats. `packed_trials`: packed studies get that many
-    trials while solo keeps `trials` (how many a packed study needs to find what solo finds)."""
+    trials while solo keeps `trials` (how many a packed study needs to find what solo finds). `plain_batches`: then
+    the same repeats asked of the sampler in plain batches of each size (plain_batch_search), against batches of
+    one: the price of asking in parallel, with no packing in it."""
     sizes = sorted(set(packs) | {1})
     packed_trials = trials if packed_trials is None else packed_trials
     budget_of = {k: trials if k == 1 else packed_trials for k in sizes}
@@ -151,4 +175,14 @@ def compare_packs(packs: Sequence[int], repeats: int, trials: int, *, per_shape:
         lines.append(f"{k:>5} {budget_of[k]:>6} {shapes:>7.1f} {of_solo:>8.0%} "
                      f"{best.mean():>9.4f} {ci:>24} {np.mean([r.occupancy for r in rs]):>10.0%} "
                      f"{np.mean([r.members_per_launch for r in rs]):>11.1f}")
+    if plain_batches:
+        plain = {k: np.array([plain_batch_search(k, budget_of[k], r, sampler=sampler) for r in range(repeats)])
+                 for k in sizes}
+        lines += [f"reference: the {sampler} sampler asked in plain batches (ask K, tell K; no runner, no pruning, "
+                  "no followers; same repeats)",
+                  f"{'batch':>5} {'trials':>6} {'best val':>9} {'best - batch 1 [95% CI]':>26}"]
+        for k in sizes:
+            diff = paired_diff(plain[k], plain[1])
+            ci = "-" if k == 1 else f"{diff.mean:+.4f} [{diff.low:+.4f}, {diff.high:+.4f}]"
+            lines.append(f"{k:>5} {budget_of[k]:>6} {plain[k].mean():>9.4f} {ci:>26}")
     return lines

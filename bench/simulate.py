@@ -136,14 +136,16 @@ def plain_batch_search(batch: int, trials: int, repeat: int, *, sampler: str = "
                                 sampler=create_sampler(sampler, repeat, space))
     study.enqueue_trial(params_for_config(BASELINE, space))
     trainer = SimulatedTrainer(space, landscape=repeat, grid_only=sampler == "grid")
-    while len(study.trials) < trials:
+    told = 0  # (not len(study.trials): the enqueued baseline is in it before it is asked)
+    while told < trials:
         asked = []
-        for _ in range(min(batch, trials - len(study.trials))):
+        for _ in range(min(batch, trials - told)):
             trial = study.ask()
             member = trainer.member(trial)
             asked.append((trial, accuracy_at(member.cfg, member.cfg.epochs, member.seed, repeat)))
         for trial, value in asked:
             study.tell(trial, value)
+        told += len(asked)
     return float(study.best_value)
 
 

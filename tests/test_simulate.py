@@ -61,7 +61,12 @@ def test_plain_batches_change_only_what_the_sampler_knows():
     draws are seeded per trial); TPE's differ, and every call is deterministic."""
     assert plain_batch_search(8, 20, 3, sampler="random") == plain_batch_search(1, 20, 3, sampler="random")
     assert plain_batch_search(8, 20, 3) == plain_batch_search(8, 20, 3)
-    assert plain_batch_search(50, 50, 3) < plain_batch_search(1, 50, 3)  # all 50 asked blind against one at a time
+    # all 50 asked blind against one at a time: TPE's model pays on average (not on every landscape: repeat 6 is the
+    # exception among 0-9)
+    blind = [plain_batch_search(50, 50, r) for r in range(5)]
+    assert np.mean(blind) < np.mean([plain_batch_search(1, 50, r) for r in range(5)]) - 0.01
+    assert blind == [plain_batch_search(100, 50, r) for r in range(5)]  # a batch larger than the study is one batch
+    assert plain_batch_search(8, 1, 0) == plain_batch_search(1, 1, 0) == accuracy_at(BASELINE, BASELINE.epochs, 0, 0)
 
 
 def test_the_simulated_landscape_rewards_shape_and_knobs():

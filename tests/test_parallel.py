@@ -16,6 +16,7 @@ import pytest
 from optuna.trial import TrialState
 
 from bench.sample_data import make_image_folder
+from bench.schema import Attr
 from bench.storage import open_storage
 
 PG_URL = os.environ.get("BENCH_PG_URL")
@@ -82,7 +83,9 @@ def _wait_for(predicate, timeout: float = 120.0) -> None:
     raise AssertionError("condition not reached in time")
 
 
-def _running_after(url: str, name: str, finished_at_least: int):
+def _running_after(url: str, name: str, finished_at_least: int, with_attr: str | None = None):
+    """A check: `finished_at_least` trials finished and one running (that has recorded `with_attr`: a trial is RUNNING
+    from its ask, a moment before its worker records itself)."""
     def check() -> bool:
         try:
             study = load(url, name)
@@ -90,7 +93,8 @@ def _running_after(url: str, name: str, finished_at_least: int):
             return False
         trials = study.get_trials(deepcopy=False)
         done = sum(t.state in (TrialState.COMPLETE, TrialState.PRUNED) for t in trials)
-        return done >= finished_at_least and any(t.state == TrialState.RUNNING for t in trials)
+        return done >= finished_at_least and any(
+            t.state == TrialState.RUNNING and (with_attr is None or with_attr in t.user_attrs) for t in trials)
     return check
 
 
@@ -103,9 +107,9 @@ def _kill_worker_mid_trial_then_resume(workdir: Path, url: str, name: str, extra
     lines: list[str] = []
     reader = threading.Thread(target=lambda: lines.extend(proc.stdout), daemon=True)
     reader.start()
-    _wait_for(_running_after(url, name, 2))
-    victim = next(t for t in load(url, name).trials if t.state == TrialState.RUNNING)
-    os.kill(int(victim.user_attrs["worker"].rsplit(":", 1)[1]), signal.SIGKILL)
+    _wait_for(_running_after(url, name, 2, with_attr=Attr.WORKER))
+    victim = next(t for t in load(url, name).trials if t.state == TrialState.RUNNING and Attr.WORKER in t.user_attrs)
+    os.kill(int(victim.user_attrs[Attr.WORKER].rsplit(":", 1)[1]), signal.SIGKILL)
     proc.wait(timeout=240)
     reader.join(timeout=10)
     assert proc.returncode == 1, "".join(lines)  # the coordinator reports the dead worker

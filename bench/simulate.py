@@ -107,15 +107,22 @@ class SearchRun:
     trials: int
 
 
+def _study_from_baseline(sampler: str, repeat: int, max_epochs: int,
+                         pruner: optuna.pruners.BasePruner | None) -> tuple[optuna.Study, SimulatedTrainer]:
+    """An in-memory study on the landscape of `repeat`, its sampler seeded by `repeat` too (repeats are paired across
+    pack and batch sizes), starting from the baseline as bench.run's does."""
+    space = build_space(max_epochs)
+    study = optuna.create_study(storage=optuna.storages.InMemoryStorage(), direction="maximize",
+                                sampler=create_sampler(sampler, repeat, space), pruner=pruner)
+    study.enqueue_trial(params_for_config(BASELINE, space))
+    return study, SimulatedTrainer(space, landscape=repeat, grid_only=sampler == "grid")
+
+
 def simulate_search(pack: int, trials: int, repeat: int, *, sampler: str = "tpe", pruner: str = "median",
                     max_epochs: int = 30, per_shape: int | None = None) -> SearchRun:
     """One study of `trials` on the landscape of `repeat`, with the sampler seeded by `repeat` too: repeats are
     paired across pack sizes. The study starts from the baseline, as bench.run's does."""
-    space = build_space(max_epochs)
-    study = optuna.create_study(storage=optuna.storages.InMemoryStorage(), direction="maximize",
-                                sampler=create_sampler(sampler, repeat, space), pruner=create_pruner(pruner, max_epochs))
-    study.enqueue_trial(params_for_config(BASELINE, space))
-    trainer = SimulatedTrainer(space, landscape=repeat, grid_only=sampler == "grid")
+    study, trainer = _study_from_baseline(sampler, repeat, max_epochs, create_pruner(pruner, max_epochs))
     stats = run_packs(study, trainer, trials, pack=pack, gate=contextlib.nullcontext(),  # type: ignore[arg-type]
                       per_shape=per_shape, say=lambda line: None)
     finished = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED))
@@ -131,11 +138,7 @@ def plain_batch_search(batch: int, trials: int, repeat: int, *, sampler: str = "
     of `batch` (ask `batch`, then tell them all), with no bench runner, no pruning and no followers; each trial's value
     is its last epoch's on the landscape of `repeat`, as a run that is never pruned ends. What Optuna's own sampler
     loses by being asked `batch` at a time, whatever runs the trials."""
-    space = build_space(max_epochs)
-    study = optuna.create_study(storage=optuna.storages.InMemoryStorage(), direction="maximize",
-                                sampler=create_sampler(sampler, repeat, space))
-    study.enqueue_trial(params_for_config(BASELINE, space))
-    trainer = SimulatedTrainer(space, landscape=repeat, grid_only=sampler == "grid")
+    study, trainer = _study_from_baseline(sampler, repeat, max_epochs, None)
     told = 0  # (not len(study.trials): the enqueued baseline is in it before it is asked)
     while told < trials:
         asked = []
@@ -147,6 +150,14 @@ def plain_batch_search(batch: int, trials: int, repeat: int, *, sampler: str = "
             study.tell(trial, value)
         told += len(asked)
     return float(study.best_value)
+
+
+def _against(values: np.ndarray, reference: np.ndarray, k: int) -> str:
+    """The paired difference from the size-1 reference with its 95% interval ("-" for the reference itself)."""
+    if k == 1:
+        return "-"
+    diff = paired_diff(values, reference)
+    return f"{diff.mean:+.4f} [{diff.low:+.4f}, {diff.high:+.4f}]"
 
 
 def compare_packs(packs: Sequence[int], repeats: int, trials: int, *, per_shape: int | None = None,
@@ -171,8 +182,7 @@ def compare_packs(packs: Sequence[int], repeats: int, trials: int, *, per_shape:
         rs = runs[k]
         shapes = np.mean([r.distinct_shapes for r in rs])
         best = np.array([r.best_value for r in rs])
-        diff = paired_diff(best, np.array([r.best_value for r in solo]))
-        ci = "-" if k == 1 else f"{diff.mean:+.4f} [{diff.low:+.4f}, {diff.high:+.4f}]"
+        ci = _against(best, np.array([r.best_value for r in solo]), k)
         of_solo = shapes / np.mean([r.distinct_shapes for r in solo])
         lines.append(f"{k:>5} {budget_of[k]:>6} {shapes:>7.1f} {of_solo:>8.0%} "
                      f"{best.mean():>9.4f} {ci:>24} {np.mean([r.occupancy for r in rs]):>10.0%} "
@@ -184,7 +194,5 @@ def compare_packs(packs: Sequence[int], repeats: int, trials: int, *, per_shape:
                   "no followers; same repeats)",
                   f"{'batch':>5} {'trials':>6} {'best val':>9} {'best - batch 1 [95% CI]':>26}"]
         for k in sizes:
-            diff = paired_diff(plain[k], plain[1])
-            ci = "-" if k == 1 else f"{diff.mean:+.4f} [{diff.low:+.4f}, {diff.high:+.4f}]"
-            lines.append(f"{k:>5} {budget_of[k]:>6} {plain[k].mean():>9.4f} {ci:>26}")
+            lines.append(f"{k:>5} {budget_of[k]:>6} {plain[k].mean():>9.4f} {_against(plain[k], plain[1], k):>26}")
     return lines

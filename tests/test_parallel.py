@@ -9,11 +9,12 @@ import sys
 import threading
 import time
 import uuid
+from collections.abc import Callable
 from pathlib import Path
 
 import optuna
 import pytest
-from optuna.trial import TrialState
+from optuna.trial import FrozenTrial, TrialState
 
 from bench.sample_data import make_image_folder
 from bench.schema import Attr
@@ -83,9 +84,9 @@ def _wait_for(predicate, timeout: float = 120.0) -> None:
     raise AssertionError("condition not reached in time")
 
 
-def _running_after(url: str, name: str, finished_at_least: int, with_attr: str | None = None):
-    """A check: `finished_at_least` trials finished and one running (that has recorded `with_attr`: a trial is RUNNING
-    from its ask, a moment before its worker records itself)."""
+def _running_after(url: str, name: str, finished_at_least: int, running: Callable[[FrozenTrial], bool] = bool):
+    """A check: `finished_at_least` trials finished and one running for which `running` holds (a trial is RUNNING from
+    its ask, a moment before its worker records itself and before it reports an epoch)."""
     def check() -> bool:
         try:
             study = load(url, name)
@@ -93,18 +94,7 @@ def _running_after(url: str, name: str, finished_at_least: int, with_attr: str |
             return False
         trials = study.get_trials(deepcopy=False)
         done = sum(t.state in (TrialState.COMPLETE, TrialState.PRUNED) for t in trials)
-        return done >= finished_at_least and any(
-            t.state == TrialState.RUNNING and (with_attr is None or with_attr in t.user_attrs) for t in trials)
-    return check
-
-
-def _first_trial_reported_an_epoch(url: str, name: str):
-    def check() -> bool:
-        try:
-            trials = load(url, name).get_trials(deepcopy=False)
-        except Exception:  # not created yet
-            return False
-        return bool(trials) and trials[0].state == TrialState.RUNNING and bool(trials[0].intermediate_values)
+        return done >= finished_at_least and any(t.state == TrialState.RUNNING and running(t) for t in trials)
     return check
 
 
@@ -117,7 +107,7 @@ def _kill_worker_mid_trial_then_resume(workdir: Path, url: str, name: str, extra
     lines: list[str] = []
     reader = threading.Thread(target=lambda: lines.extend(proc.stdout), daemon=True)
     reader.start()
-    _wait_for(_running_after(url, name, 2, with_attr=Attr.WORKER))
+    _wait_for(_running_after(url, name, 2, running=lambda t: Attr.WORKER in t.user_attrs))
     victim = next(t for t in load(url, name).trials if t.state == TrialState.RUNNING and Attr.WORKER in t.user_attrs)
     os.kill(int(victim.user_attrs[Attr.WORKER].rsplit(":", 1)[1]), signal.SIGKILL)
     proc.wait(timeout=240)
@@ -161,23 +151,23 @@ def test_sigint_fails_the_running_trial_as_interrupted_and_a_rerun_resumes(workd
     args = ["--trials", "3", "--max-epochs", "15", "--study-name", "i", "--storage", url, "--pruner", "none",
             "--preset", "simplecnn"]
     proc = bench_run(workdir, *args)
-    _wait_for(_first_trial_reported_an_epoch(url, "i"))
+    _wait_for(_running_after(url, "i", 0, running=lambda t: t.number == 0 and bool(t.intermediate_values)))
     proc.send_signal(signal.SIGINT)
     code, out = finish(proc)
     assert code == 130, out
     assert "interrupted" in out and "trials by state" in out
     study = load(url, "i")
     [failed] = study.get_trials(states=(TrialState.FAIL,))
-    assert failed.user_attrs["fail_reason"] == "interrupted"
+    assert failed.user_attrs[Attr.FAIL_REASON] == "interrupted"
     code, out = finish(bench_run(workdir, *args))
     assert code == 0, out
     study = load(url, "i")
     assert len(study.get_trials(states=(TrialState.COMPLETE, TrialState.PRUNED))) == 3
     # the interrupted trial ran again, once, with its parameters and seed
-    [rerun] = [t for t in study.trials if t.user_attrs.get("retry_of") == failed.number]
+    [rerun] = [t for t in study.trials if t.user_attrs.get(Attr.RETRY_OF) == failed.number]
     assert rerun.state == TrialState.COMPLETE
     assert failed.number == 0 and rerun.params == failed.params and rerun.params["epochs"] == 10
-    assert rerun.user_attrs["seed"] == failed.user_attrs["seed"]
+    assert rerun.user_attrs[Attr.SEED] == failed.user_attrs[Attr.SEED]
     code, out = finish(bench_run(workdir, *args))  # the study is done: nothing is queued or run again
     assert code == 0, out
     assert len(load(url, "i").trials) == len(study.trials)

@@ -64,12 +64,13 @@ MAX_ATTEMPTS = 2  # a diverged or failed matrix cell is run once more, then its 
 # below 30 completed trials the page says why it shows none, and above it shows the spread over 5 fANOVA seeds
 MIN_IMPORTANCE_TRIALS = 30
 IMPORTANCE_SEEDS = 5
+NOT_RECORDED = "not recorded"  # a trial's precision before bench recorded it (the matrix's trials 0-172: bf16, README)
 BUDGET_IMAGES_SHARE = 0.9  # a run matches a claim's images from 90% of them (a 10% validation split may be carved)
 
 METRIC_COLUMNS = {  # frame column -> user attribute
     "val_acc": Attr.VAL_ACC, "test_acc": Attr.TEST_ACC, "epochs_run": Attr.EPOCHS_RUN,
     "train_seconds": Attr.TRAIN_SECONDS, "images_per_sec": Attr.IMAGES_PER_SEC, "param_count": Attr.PARAM_COUNT,
-    "device": Attr.DEVICE, "seed": Attr.SEED, "cell": Attr.CELL, "fail_reason": Attr.FAIL_REASON,
+    "device": Attr.DEVICE, "precision": Attr.PRECISION, "seed": Attr.SEED, "cell": Attr.CELL, "fail_reason": Attr.FAIL_REASON,
     "kept_epoch": Attr.KEPT_EPOCH, "train_images": Attr.TRAIN_IMAGES, "num_classes": Attr.NUM_CLASSES,
     "pack_size": Attr.PACK_SIZE, "pack_slot": Attr.PACK_SLOT,
 }
@@ -244,7 +245,9 @@ def settle(kinds: list[str]) -> str:
 class CellData:
     """A designed cell's per-seed test accuracies (%) of the seeds that trained; diverged and failed seeds listed apart.
     `budgets`: every (epochs, train images) its settled seeds ran at (more than one: mixed budgets). `unstable_seeds`:
-    seeds with a diverged attempt that is not (yet) their outcome (rerun pending, or trained on the rerun)."""
+    seeds with a diverged attempt that is not (yet) their outcome (rerun pending, or trained on the rerun).
+    `precisions`: the arithmetic each settled seed trained in (bench.hardware.precision_name; NOT_RECORDED before trials
+    recorded it)."""
 
     values: dict[int, float]
     diverged_seeds: tuple[int, ...] = ()
@@ -252,6 +255,7 @@ class CellData:
     budgets: frozenset[tuple[int, int | None]] = frozenset()
     config: TrainConfig | None = None
     unstable_seeds: tuple[int, ...] = ()
+    precisions: dict[int, str] = dataclasses.field(default_factory=dict)
 
     @property
     def seeds(self) -> int:
@@ -281,7 +285,7 @@ def designed_cells(trials: pd.DataFrame, metric: str = "test_acc") -> dict[str, 
     names = [p.name for p in build_space()]
     for name, group in trials[trials["cell"].notna()].groupby("cell", sort=False):
         values: dict[int, float] = {}
-        diverged, failed, unstable, budgets = [], [], [], set()
+        diverged, failed, unstable, budgets, precisions = [], [], [], set(), {}
         for seed, attempts in group.groupby("seed"):
             kinds = [attempt_kind(*r) for r in attempts[["state", "stop_reason", "fail_reason"]].itertuples(index=False)]
             outcome = settle(kinds)
@@ -301,10 +305,12 @@ def designed_cells(trials: pd.DataFrame, metric: str = "test_acc") -> dict[str, 
                 (diverged if outcome == "diverged" else failed).append(int(seed))
             for epochs, images in counted[[EPOCHS_PARAM, "train_images"]].itertuples(index=False):
                 budgets.add((int(epochs), None if pd.isna(images) else int(images)))
+            recorded = counted["precision"].iloc[-1] if "precision" in counted and len(counted) else None
+            precisions[int(seed)] = recorded if isinstance(recorded, str) else NOT_RECORDED
         latest = group.sort_values("number").iloc[-1]
         config = config_from_params({k: latest[k] for k in names}) if all(k in group for k in names) else None
         cells[str(name)] = CellData(values, tuple(sorted(diverged)), tuple(sorted(failed)), frozenset(budgets), config,
-                                    tuple(sorted(unstable)))
+                                    tuple(sorted(unstable)), precisions)
     return cells
 
 
@@ -370,6 +376,24 @@ def _divergence_notes(data: CellData) -> list[str]:
     return notes
 
 
+def _precision_text(data: CellData) -> str:
+    by_precision: dict[str, list[int]] = {}
+    for seed, precision in sorted(data.precisions.items()):
+        by_precision.setdefault(precision, []).append(seed)
+    return ", ".join(f"{p} ({_seed_list(tuple(seeds))})" for p, seeds in sorted(by_precision.items()))
+
+
+def precision_note(data: CellData, reference: CellData | None) -> str | None:
+    """Named, not a verdict blocker: one seed of the 5-epoch baseline trained in fp32 and in bf16 autocast ends 0.1-1.7
+    points apart, with no shift measured (+0.11 [-1.23, +1.45] over 5 paired seeds, the README's precision check), but
+    a reader should see which numbers mix them."""
+    groups = [data] + ([reference] if reference is not None else [])
+    if len({p for d in groups for p in d.precisions.values()}) <= 1:
+        return None
+    return (f"trained in mixed precision: {_precision_text(data)}"
+            + (f"; reference: {_precision_text(reference)}" if reference is not None else ""))
+
+
 def _designed_row(level: Level, tier: int, cell: str, cells: dict[str, CellData], claim: Claim | None,
                   study_data: StudyData, levels: tuple[Level, ...]) -> dict[str, Any]:
     data = cells.get(cell)
@@ -400,6 +424,9 @@ def _designed_row(level: Level, tier: int, cell: str, cells: dict[str, CellData]
     if reference is not None and (claim is None or claim.measure == "difference"):
         notes += [f"reference {reference_name}: {note}" for note in _divergence_notes(reference)]
     bad_ref = reference is not None and claim is not None and claim.measure == "difference"
+    compared = reference if reference is not None and (claim is None or claim.measure == "difference") else None
+    if (mixed := precision_note(data, compared)) is not None:
+        notes.append(mixed)
     inert = inert_techniques(data.config) if data.config is not None else []
     test = None
     if claim is None:

@@ -41,7 +41,7 @@ from bench.cli import (
 )
 from bench.design import Cell, design, parse_budgets, select
 from bench.errors import UsageError, redact, run_cli
-from bench.hardware import resolve_device
+from bench.hardware import precision_name, resolve_device
 from bench.locks import RunLock, TrialGate, storage_file
 from bench.objective import TrialSettings, TrialTrainer
 from bench.packed import shape_signature
@@ -169,6 +169,22 @@ def _attempts(study: optuna.Study) -> dict[tuple[Any, Any], list[str]]:
     return kinds
 
 
+def precision_warning(study: optuna.Study, precision: str) -> str | None:
+    """A study resumed on a machine that trains in other arithmetic (auto is bf16 on a CPU with AVX512-BF16, fp32 on
+    one without) mixes precisions across cells: said before the first trial, and named on the report's rows."""
+    seen: dict[str, int] = {}
+    for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
+        if (recorded := t.user_attrs.get(Attr.PRECISION)) is not None:
+            seen[recorded] = seen.get(recorded, 0) + 1
+    others = {p: n for p, n in seen.items() if p != precision}
+    if not others:
+        return None
+    earlier = ", ".join(f"{p} ({n} trials)" for p, n in sorted(others.items()))
+    return (f"note: study {study.study_name!r} has trials trained in {earlier}; this run trains in {precision}, so "
+            f"its cells mix precisions (the report names each such row); pass --precision "
+            f"{next(iter(sorted(others)))} to match")
+
+
 def minutes(text: str) -> float:
     try:
         value = float(text)
@@ -270,6 +286,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         study.set_user_attr(key, value)
     study.set_user_attr(StudyAttr.BUDGETS, sorted(set(study.user_attrs.get(StudyAttr.BUDGETS, [])) | set(budgets)))
     record_budget(study, splits)
+    if (warning := precision_warning(study, precision_name(args.precision, device))) is not None:
+        print(warning, file=sys.stderr)
     run_lock = RunLock(storage_url, args.study_name)
     alone = run_lock.try_acquire()  # alone on this file storage: RUNNING cells were left by a killed run
     try:

@@ -19,7 +19,7 @@ import torch
 from optuna.trial import TrialState
 
 from bench.data import Splits
-from bench.hardware import is_out_of_memory, resolve_device
+from bench.hardware import is_out_of_memory, precision_name, resolve_device
 from bench.models import build_seeded_model, count_parameters
 from bench.packed import shape_signature
 from bench.schema import Attr
@@ -61,7 +61,9 @@ class TrialTrainer:
         ds = self.splits.dataset
         model = self.build_model(cfg, seed)
         for key, value in ((Attr.SEED, seed), (Attr.PARAM_COUNT, count_parameters(model)),
-                           (Attr.DEVICE, str(self.device)), (Attr.WORKER, f"{socket.gethostname()}:{os.getpid()}"),
+                           (Attr.DEVICE, str(self.device)),
+                           (Attr.PRECISION, precision_name(self.settings.precision, self.device)),
+                           (Attr.WORKER, f"{socket.gethostname()}:{os.getpid()}"),
                            (Attr.TRAIN_IMAGES, len(self.splits.train)), (Attr.NUM_CLASSES, len(ds.classes))):
             trial.set_user_attr(key, value)
         return self.attach_reporting(trial, Member(model, cfg, seed, test_each_epoch=self.settings.test_each_epoch))

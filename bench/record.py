@@ -43,7 +43,7 @@ from bench.cli import (
 )
 from bench.data import Splits
 from bench.errors import UsageError, redact, run_cli
-from bench.hardware import resolve_device, resolve_precision
+from bench.hardware import precision_name, resolve_device
 from bench.locks import RunLock, TrialGate
 from bench.objective import TrialSettings, TrialTrainer
 from bench.runner import FailureGuard, run_packs
@@ -69,7 +69,6 @@ from bench.table import (
 )
 
 DESIGNS = ("sobol", "random")
-PRECISION_NAMES = {None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}  # autocast dtype -> --precision
 MIN_SEEDS = 2  # one seed carries no training noise: a replayed search would see every config as exact
 
 
@@ -265,7 +264,7 @@ def main(argv: Sequence[str] | None = None) -> int:
               f"{study.trials[-1].user_attrs.get(Attr.FAIL_REASON, 'see above')}; rerun to retry them", file=sys.stderr)
         return 1
     meta = {"data": data_meta(splits), "code_version": code_version(), "device": str(device),
-            "torch_version": torch.__version__, "precision": PRECISION_NAMES[resolve_precision(args.precision, device)],
+            "torch_version": torch.__version__, "precision": precision_name(args.precision, device),
             "pack_size": pack, "run_epochs": args.epochs,
             "train_images": len(splits.train), "val_split": args.val_split, "train_subset": args.train_subset,
             "image_size": args.image_size, "storage": redact(storage_url),

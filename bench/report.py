@@ -30,6 +30,7 @@ from matplotlib.collections import LineCollection  # noqa: E402
 
 from bench.analysis import (  # noqa: E402
     IMPORTANCE_SEEDS,
+    NOT_RECORDED,
     CellData,
     baseline_interval,
     baseline_rows,
@@ -323,7 +324,7 @@ def markdown_tables(matrix: pd.DataFrame, cumulative: pd.DataFrame | None = None
         acc = ci_text(r["mean_acc"], r["acc_low"], r["acc_high"], n)
         diff = ci_text(r["diff"], r["diff_low"], r["diff_high"], pairs, signed=True) if not _missing(r["reference"]) else DASH
         claim = DASH if _missing(r["claim_id"]) else f"{r['claim_id']}: {r['claim_reading']}"
-        verdict = r["verdict"] if _missing(r["note"]) or r["verdict"] in ("supported", "contradicted") else f"{r['verdict']}: {r['note']}"
+        verdict = r["verdict"] if _missing(r["note"]) else f"{r['verdict']}: {r['note']}"  # a verdict's caveats too
         n_text = _n_text(n, r["n_diverged"])
         budget = DASH if _missing(r["budget"]) else f"{int(r['budget'])} ep"
         lines.append("| " + " | ".join(_md(x) for x in (r["level"], budget, DASH if _missing(r["reference"]) else r["reference"],
@@ -353,6 +354,13 @@ def budget_text(attrs: dict) -> str:
     return ", ".join(parts) or "not recorded (study made by an older bench)"
 
 
+def precision_counts(trials: pd.DataFrame) -> str:
+    """How many trials trained in each arithmetic ("bf16 120 trials, fp32 8"): pieces of one study may run on machines
+    where --precision auto resolves differently."""
+    counts = trials["precision"].where(trials["precision"].notna(), NOT_RECORDED).value_counts()
+    return ", ".join(f"{name} {n} trial{'s' if n != 1 else ''}" for name, n in sorted(counts.items())) or DASH
+
+
 def summary_items(study: optuna.Study, trials: pd.DataFrame, cells: dict[str, CellData] | None = None) -> list[tuple[str, str]]:
     attrs = study.user_attrs
     states = trials["state"].value_counts().to_dict()
@@ -361,6 +369,7 @@ def summary_items(study: optuna.Study, trials: pd.DataFrame, cells: dict[str, Ce
         ("study", study.study_name),
         ("dataset", str(attrs.get(StudyAttr.DATASET, "unknown"))),
         ("device", ", ".join(sorted(set(trials["device"].dropna().astype(str)))) or DASH),
+        ("precision", precision_counts(trials)),
         ("trials by state", ", ".join(f"{k} {v}" for k, v in sorted(states.items())) or "none"),
         ("total train time", f"{trials['train_seconds'].fillna(0).sum() / 60:.1f} min (all trials, pruned and failed included)"),
         ("budget", budget_text(attrs)),

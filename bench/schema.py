@@ -22,6 +22,7 @@ class Attr:
     IMAGES_PER_SEC = "images_per_sec"
     PARAM_COUNT = "param_count"
     DEVICE = "device"
+    PRECISION = "precision"  # what the trial trained in: fp32, bf16 or fp16 (autocast), --precision auto resolved
     SEED = "seed"
     STOP_REASON = "stop_reason"
     FAIL_REASON = "fail_reason"

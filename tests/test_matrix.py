@@ -2,11 +2,14 @@ from __future__ import annotations
 
 import optuna
 import pytest
+import torch
 
 from bench.analysis import BASELINE_CELL, CUMULATIVE_PREFIX
 from bench.design import cumulative_steps, design, select
 from bench.errors import run_cli
+from bench.hardware import precision_name
 from bench.matrix import main, pending
+from bench.schema import Attr
 from bench.space import BASELINE, Level
 from tests.test_report import matrix_of, row
 
@@ -77,8 +80,16 @@ def test_run_resume_and_report_rows(rgb_folder, cache_dir, tmp_path, capsys, mon
     assert run_cli(main, args) == 0
     study = optuna.load_study(study_name="m", storage=storage)
     assert len(study.trials) == 6
+    trained_in = precision_name("auto", torch.device("cpu"))  # bf16 on a CPU with AVX512-BF16, else fp32
+    assert {t.user_attrs[Attr.PRECISION] for t in study.trials} == {trained_in}
+    capsys.readouterr()
     assert run_cli(main, args) == 0  # resume: everything finished, nothing new
     assert len(optuna.load_study(study_name="m", storage=storage).trials) == 6
+    assert "precision" not in capsys.readouterr().err
+    other = "fp32" if trained_in == "bf16" else "bf16"  # resumed where auto means the other arithmetic
+    assert run_cli(main, [*args, "--precision", other]) == 0
+    assert (f"has trials trained in {trained_in} (6 trials); this run trains in {other}, so its cells mix precisions"
+            in capsys.readouterr().err)
     matrix = matrix_of(study)
     assert row(matrix, "BatchNorm")["n"] == 2 and row(matrix, "MSE")["n"] == 2
     assert matrix["method"].iloc[0].startswith("designed")

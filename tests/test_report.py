@@ -17,7 +17,7 @@ from bench.analysis import (
     trials_frame,
 )
 from bench.errors import run_cli
-from bench.report import NOTHING, main, write_report
+from bench.report import NOTHING, main, summary_items, write_report
 from bench.schema import Attr
 from bench.space import BASELINE, build_space, params_for_config
 
@@ -45,7 +45,7 @@ def row(matrix: pd.DataFrame, level: str, budget: int = 5, claim: str | None = N
 
 
 def add_trial(study, cfg=BASELINE, *, test_acc=0.5, state=TrialState.COMPLETE, cell=None, seconds=10.0, curve=None,
-              seed=None, images=FULL_IMAGES, stop_reason=None, fail_reason=None):
+              seed=None, images=FULL_IMAGES, stop_reason=None, fail_reason=None, precision=None):
     params = params_for_config(cfg, SPACE)
     attrs = {Attr.TEST_ACC: test_acc, Attr.VAL_ACC: test_acc, Attr.TRAIN_SECONDS: seconds, Attr.EPOCHS_RUN: 2,
              Attr.VAL_CURVE: curve or [test_acc - 0.1, test_acc], Attr.LOSS_CURVE: [2.0, 1.5], Attr.DEVICE: "cpu",
@@ -54,6 +54,8 @@ def add_trial(study, cfg=BASELINE, *, test_acc=0.5, state=TrialState.COMPLETE, c
         attrs[Attr.CELL] = cell
     if seed is not None:
         attrs[Attr.SEED] = seed
+    if precision is not None:
+        attrs[Attr.PRECISION] = precision
     if stop_reason:
         attrs[Attr.STOP_REASON] = stop_reason
     if fail_reason:
@@ -119,6 +121,28 @@ def test_designed_matrix_gives_known_means_and_verdicts():
     judged = matrix[matrix["verdict"].isin(["supported", "contradicted", "inconclusive"])]
     assert set(judged["n_tests"]) == {len(judged)} and (judged["p_holm"] >= judged["p_raw"]).all()
     assert (judged["holm_level"] >= 0.95).all() and judged["claim_id"].notna().all()
+
+
+def test_seeds_of_mixed_precision_are_named_on_their_rows_and_counted_in_the_summary(tmp_path):
+    """A study resumed on a machine without bf16 (auto trains fp32 there): the rows that mix arithmetic say which seeds
+    ran in which, verdicts and numbers stay those of the same seeds unlabelled, and the summary counts each kind."""
+    study = designed_study()
+    for seed in (3, 4):  # two later seeds of label smoothing trained in fp32; the rest did not record it
+        add_trial(study, BASELINE.replace(label_smoothing=0.1), test_acc=0.60 + seed / 100, cell="label smoothing 0.1",
+                  seed=seed, precision="fp32")
+        add_trial(study, BASELINE, test_acc=0.50 + seed / 100, cell=BASELINE_CELL, seed=seed)
+    add_cell(study, "Dropout 0.3", BASELINE.replace(dropout=0.3), (0.60, 0.625, 0.64, 0.63, 0.61), precision="bf16")
+    matrix = matrix_of(study)
+    ls = row(matrix, "label smoothing 0.1")
+    assert ls["n"] == 5 and ls["verdict"] == "supported"
+    assert ("trained in mixed precision: fp32 (seeds 3, 4), not recorded (seeds 0, 1, 2); "
+            "reference: not recorded (seeds 0, 1, 2, 3, 4)") in ls["note"]
+    dropout = row(matrix, "Dropout 0.3")  # every seed bf16 and its reference unrecorded: also mixed, named
+    assert "trained in mixed precision: bf16 (seeds 0, 1, 2, 3, 4); reference: not recorded" in dropout["note"]
+    assert "mixed precision" not in row(matrix, "MSE")["note"]  # neither it nor its reference recorded: one kind
+    assert "mixed precision" not in row(matrix, BASELINE_CELL)["note"]
+    summary = dict(summary_items(study, trials_frame(study, SPACE)))
+    assert summary["precision"] == "bf16 5 trials, fp32 2 trials, not recorded 17 trials"
 
 
 def test_too_few_seeds_gets_no_verdict():

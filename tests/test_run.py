@@ -2,8 +2,10 @@ from __future__ import annotations
 
 import optuna
 import pytest
+import torch
 
 from bench.errors import run_cli
+from bench.hardware import precision_name
 from bench.run import main
 from bench.schema import Attr
 from bench.space import BASELINE, build_space, config_from_params
@@ -33,6 +35,7 @@ def test_two_trial_study_end_to_end_then_resume(study_args, capsys):
     for key in (Attr.TEST_ACC, Attr.TRAIN_SECONDS, Attr.IMAGES_PER_SEC, Attr.PARAM_COUNT, Attr.DEVICE, Attr.SEED):
         assert key in attrs
     assert attrs[Attr.STOP_REASON] == "completed"
+    assert attrs[Attr.PRECISION] == precision_name("auto", torch.device("cpu"))
     assert attrs[Attr.TRAIN_IMAGES] == 27 and attrs[Attr.NUM_CLASSES] == 3
     out = capsys.readouterr().out
     assert "0 finished trials; adding 2" in out

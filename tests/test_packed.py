@@ -63,8 +63,8 @@ def assert_same_run(mine: Member, solo: Member, label: str) -> None:
 # steps 1-3), which amplifies a rounding difference tens of times a step, so a fused pack (grouped convolutions) drifted
 # 9e-4 from the solo run by step 4 in fp32 (measured on this project's 2-core CPU, torch 2.14). bf16 is the
 # production precision of CPUs with AVX512-BF16 (--precision auto); without it bf16 is emulated, 9x slower than fp32
-# (bench.hardware), and 8 steps took this test minutes on a 2-core AVX2 EPYC, so there it checks the first 3 steps
-# (the spike included).
+# (bench.hardware): on a 2-core AVX2 EPYC this case took 33 s for 3 steps with the CPU free (8 would take about 90), so
+# there it checks the first 3 steps, the spike included.
 BF16_STEPS = 8 if cpu_supports_bf16() else 3
 
 

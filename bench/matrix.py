@@ -17,6 +17,7 @@ import signal
 import sys
 import time
 import warnings
+from collections import Counter
 from collections.abc import Sequence
 from typing import Any
 
@@ -172,17 +173,13 @@ def _attempts(study: optuna.Study) -> dict[tuple[Any, Any], list[str]]:
 def precision_warning(study: optuna.Study, precision: str) -> str | None:
     """A study resumed on a machine that trains in other arithmetic (auto is bf16 on a CPU with AVX512-BF16, fp32 on
     one without) mixes precisions across cells: said before the first trial, and named on the report's rows."""
-    seen: dict[str, int] = {}
-    for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
-        if (recorded := t.user_attrs.get(Attr.PRECISION)) is not None:
-            seen[recorded] = seen.get(recorded, 0) + 1
-    others = {p: n for p, n in seen.items() if p != precision}
+    others = Counter(recorded for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+                     if (recorded := t.user_attrs.get(Attr.PRECISION)) not in (None, precision))
     if not others:
         return None
     earlier = ", ".join(f"{p} ({n} trials)" for p, n in sorted(others.items()))
     return (f"note: study {study.study_name!r} has trials trained in {earlier}; this run trains in {precision}, so "
-            f"its cells mix precisions (the report names each such row); pass --precision "
-            f"{next(iter(sorted(others)))} to match")
+            f"its cells mix precisions (the report names each such row); pass --precision {min(others)} to match")
 
 
 def minutes(text: str) -> float:

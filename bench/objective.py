@@ -52,6 +52,7 @@ class TrialTrainer:
         self.settings = settings
         self.on_model = on_model
         self.device = resolve_device(settings.device)
+        self.precision = precision_name(settings.precision, self.device)  # what every trial of this run trains in
 
     def member(self, trial: optuna.Trial, asked_seconds: float = 0.0) -> Member:
         """Suggest, then build the model exactly as a solo trial with this seed would (so packing changes nothing).
@@ -62,7 +63,7 @@ class TrialTrainer:
         model = self.build_model(cfg, seed)
         for key, value in ((Attr.SEED, seed), (Attr.PARAM_COUNT, count_parameters(model)),
                            (Attr.DEVICE, str(self.device)),
-                           (Attr.PRECISION, precision_name(self.settings.precision, self.device)),
+                           (Attr.PRECISION, self.precision),
                            (Attr.WORKER, f"{socket.gethostname()}:{os.getpid()}"),
                            (Attr.TRAIN_IMAGES, len(self.splits.train)), (Attr.NUM_CLASSES, len(ds.classes))):
             trial.set_user_attr(key, value)

@@ -19,7 +19,7 @@ from optuna.trial import FrozenTrial, TrialState
 
 from bench.locks import TrialGate
 from bench.objective import TrialTrainer, has_outcome, mark_interrupted
-from bench.samplers import startup_trials
+from bench.samplers import modelled_results, startup_trials
 from bench.schema import Attr
 from bench.space import SHAPE_FIELDS
 from bench.storage import FINISHED
@@ -149,8 +149,9 @@ class _Runner:
     def _form(self, size: int) -> list[Member]:
         """`size` trials: waiting ones (a baseline, retries, matrix cells) as they are; then each trial the sampler
         proposes brings up to per_shape - 1 followers, trials asked with its shape parameters fixed (an enqueued
-        partial trial, which the sampler completes). While the sampler is still drawing at random (fewer finished
-        trials than its start-up count), trials take no followers: they stay random in every knob."""
+        partial trial, which the sampler completes). While the sampler is still drawing at random (fewer results than
+        its start-up count: finished trials and believed running ones, samplers.modelled_results), trials take no
+        followers: they stay random in every knob."""
         members: list[Member] = []
         shape: dict[str, Any] = {}
         followers = 0
@@ -163,7 +164,7 @@ class _Runner:
             elif not waiting and self.enqueued_only:
                 break
             modelled = self.startup is not None and not follower and not waiting and (
-                len(self.study.get_trials(deepcopy=False, states=FINISHED)) >= self.startup)
+                modelled_results(self.study) >= self.startup)
             started = time.perf_counter()
             trial = self.study.ask()
             self.created.append(trial)

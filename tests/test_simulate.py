@@ -42,18 +42,29 @@ def plain():
     return {k: np.array([plain_batch_search(k, TRIALS, r) for r in range(REPEATS)]) for k in (1, 8, 32)}
 
 
-@pytest.mark.parametrize("pack", [8, 32])
-def test_the_packed_search_costs_no_more_than_asking_in_parallel(runs, plain, pack):
-    """Best value against solo at equal trials. K trials asked at once are asked with less information than one at a
-    time: TPE asked in plain batches of K (no runner, no pruning) loses 1.75 points at K=8 and 1.77 at K=32 against
-    batches of one on these 10 repeats (bench.perf --simulate-search --plain-batches), and the packed studies lose
-    1.50 and 1.51 against solo. So the bound is on that parallel penalty, not on zero: a packed search that costs
-    more than a point beyond what the sampler itself loses in batches of K fails here."""
-    packed = paired_diff(np.array([r.best_value for r in runs[pack]]), np.array([r.best_value for r in runs[1]]))
-    batched = paired_diff(plain[pack], plain[1])
+def test_a_pack_of_8_finds_what_solo_finds(runs, plain):
+    """The issue's acceptance at K=8: best value against solo at equal trials (50), a paired 95% interval that includes
+    0 or favours the packed study: +0.0002 [-0.0164, +0.0168] on these 10 repeats (30 repeats: -0.0023 [-0.0107,
+    +0.0062]). K trials asked at once are asked with less information than one at a time: TPE asked in plain batches
+    of 8 (no runner, so no curves to believe) loses 1.75 points on these repeats, and so did the packed study with
+    the constant liar alone (-0.0150 [-0.0264, -0.0037]), before TPE believed its running members' curves."""
+    packed = paired_diff(np.array([r.best_value for r in runs[8]]), np.array([r.best_value for r in runs[1]]))
+    batched = paired_diff(plain[8], plain[1])
     assert packed.has_interval and batched.has_interval
-    assert batched.mean < 0  # the reference is a real penalty: TPE asked K at a time finds less
-    assert packed.mean > batched.mean - 0.01 and packed.low > -0.06
+    assert batched.mean < 0  # the reference is a real penalty: TPE asked 8 at a time finds less
+    assert packed.high >= 0 and packed.mean > batched.mean + 0.01
+
+
+def test_a_pack_of_32_finds_with_75_trials_what_solo_finds_with_50(runs):
+    """A pack of 32 asks about 35 of 50 trials before TPE has 10 results, so at equal trials it still finds less
+    (-0.0077 [-0.0240, +0.0087] on these repeats, -0.0097 [-0.0179, -0.0016] at 30); it trains them many times
+    faster, and with 75 it finds what solo finds with 50: -0.0002 [-0.0166, +0.0162] here (README "Packs";
+    `--packed-trials 75`)."""
+    more = np.array([simulate_search(32, 75, r).best_value for r in range(REPEATS)])
+    packed = paired_diff(more, np.array([r.best_value for r in runs[1]]))
+    assert packed.has_interval and packed.high >= 0
+    equal = paired_diff(np.array([r.best_value for r in runs[32]]), np.array([r.best_value for r in runs[1]]))
+    assert packed.mean > equal.mean
 
 
 def test_plain_batches_change_only_what_the_sampler_knows():

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import bisect
 import copy
 import math
 import zlib
@@ -68,10 +69,11 @@ def believed(trials: Sequence[FrozenTrial], current: int | None = None) -> list[
     ones, and the liar counted exactly those as the worst, steering the next asks away from where the search was
     going. Measured with the search simulator: see README "Packs"."""
     complete = [t for t in trials if t.state == TrialState.COMPLETE and t.value is not None and math.isfinite(t.value)]
+    references = _References(complete)
     seen = []
     for trial in trials:
         if trial.state == TrialState.RUNNING and trial.intermediate_values and trial.number != current:
-            value = _believed_value(trial, complete)
+            value = references.believe(trial)
             if value is not None:
                 trial = copy.copy(trial)  # (a copy for the sampler's eyes: the stored trial stays running)
                 trial.state = TrialState.COMPLETE
@@ -80,20 +82,53 @@ def believed(trials: Sequence[FrozenTrial], current: int | None = None) -> list[
     return seen
 
 
-def _believed_value(trial: FrozenTrial, complete: list[FrozenTrial]) -> float | None:
-    curve = trial.intermediate_values
-    if not math.isfinite(curve[max(curve)]):
-        return None  # diverged: it leaves the study as a failure or a pruned trial, not as a result to believe
-    same_budget = [t for t in complete if t.params.get(EPOCHS_PARAM) == trial.params.get(EPOCHS_PARAM)]
-    references = same_budget if len(same_budget) >= BELIEF_REFERENCES else complete
-    for step in sorted(curve, reverse=True):
-        pairs = [(t.intermediate_values[step], t.value) for t in references
-                 if math.isfinite(t.intermediate_values.get(step, math.nan))]
-        if len(pairs) >= BELIEF_REFERENCES and math.isfinite(curve[step]):
-            at_step, finals = np.array(pairs, dtype=float).T
-            rank = (np.sum(at_step < curve[step]) + 0.5 * np.sum(at_step == curve[step])) / len(at_step)
-            return float(np.quantile(finals, rank))
-    return None
+class _References:
+    """Completed trials' values at each step and final values, per epoch budget, gathered (sorted) once per
+    believed() call and only for the steps asked. TPE reads the trials about 25 times per ask; gathering them per
+    running trial, with numpy's quantile per trial, made a simulated 75-trial study at K=32 3.5x slower than with no
+    belief, and this 1.2x."""
+
+    def __init__(self, complete: list[FrozenTrial]):
+        self.by_budget: dict[Any, list[FrozenTrial]] = {}
+        for t in complete:
+            self.by_budget.setdefault(t.params.get(EPOCHS_PARAM), []).append(t)
+        self.complete = complete
+        self.sorted: dict[tuple[Any, int], tuple[list[float], list[float]]] = {}
+
+    def at(self, budget: Any, step: int) -> tuple[list[float], list[float]]:
+        """(values at `step`, final values), each sorted, of the references of `budget` (None: all) that reported it."""
+        key = (budget, step)
+        if key not in self.sorted:
+            pool = self.complete if budget is None else self.by_budget[budget]
+            reported = [t for t in pool if math.isfinite(t.intermediate_values.get(step, math.nan))]
+            self.sorted[key] = (sorted(t.intermediate_values[step] for t in reported),
+                                sorted(t.value for t in reported))  # type: ignore[misc]
+        return self.sorted[key]
+
+    def believe(self, trial: FrozenTrial) -> float | None:
+        curve = trial.intermediate_values
+        if not math.isfinite(curve[max(curve)]):
+            return None  # diverged: it leaves the study as a failure or a pruned trial, not as a result to believe
+        budget = trial.params.get(EPOCHS_PARAM)
+        pool = budget if len(self.by_budget.get(budget, ())) >= BELIEF_REFERENCES else None
+        for step in sorted(curve, reverse=True):
+            at_step, finals = self.at(pool, step)
+            value = curve[step]
+            if len(at_step) >= BELIEF_REFERENCES and math.isfinite(value):
+                below, not_above = bisect.bisect_left(at_step, value), bisect.bisect_right(at_step, value)
+                rank = (below + not_above) / 2 / len(at_step)  # ties count half
+                return _quantile(finals, rank)
+        return None
+
+
+def _quantile(ordered: list[float], q: float) -> float:
+    """numpy.quantile's default (linear) on a sorted list, computed as numpy computes it (the same floats), without
+    its per-call overhead."""
+    h = (len(ordered) - 1) * q
+    low = min(math.floor(h), len(ordered) - 1)
+    high = min(low + 1, len(ordered) - 1)
+    a, b, t = ordered[low], ordered[high], h - low
+    return float(b - (b - a) * (1 - t) if t >= 0.5 else a + (b - a) * t)
 
 
 class _BelievedStudy:

@@ -132,10 +132,10 @@ def _quantile(ordered: list[float], q: float) -> float:
 
 
 class _BelievedStudy:
-    """The study as TPE reads it while it samples trial `current`: every attribute the study's own, except that its
-    trials come through believed()."""
+    """The study as TPE reads it while it samples trial number `current` (None: before the next ask): every attribute
+    the study's own, except that its trials come through believed()."""
 
-    def __init__(self, study: optuna.Study, current: FrozenTrial):
+    def __init__(self, study: optuna.Study, current: int | None = None):
         self._study, self._current = study, current
 
     def __getattr__(self, name: str) -> Any:
@@ -148,7 +148,7 @@ class _BelievedStudy:
         wanted = None if states is None else tuple(states)
         fetch = None if wanted is None else (*wanted, TrialState.COMPLETE, TrialState.RUNNING)
         trials = believed(self._study._get_trials(deepcopy=deepcopy, states=fetch, use_cache=use_cache),
-                          self._current.number)
+                          self._current)
         return trials if wanted is None else [t for t in trials if t.state in wanted]
 
 
@@ -159,11 +159,12 @@ class TPESampler(_TrialSeeded, optuna.samplers.TPESampler):
 
     def _sample_relative(self, study: optuna.Study, trial: FrozenTrial,
                          search_space: dict[str, BaseDistribution]) -> dict[str, Any]:
-        return super()._sample_relative(_BelievedStudy(study, trial), trial, search_space)  # type: ignore[arg-type]
+        return super()._sample_relative(_BelievedStudy(study, trial.number), trial,  # type: ignore[arg-type]
+                                        search_space)
 
     def sample_independent(self, study: optuna.Study, trial: FrozenTrial, param_name: str,
                            param_distribution: BaseDistribution) -> Any:
-        return super().sample_independent(_BelievedStudy(study, trial), trial,  # type: ignore[arg-type]
+        return super().sample_independent(_BelievedStudy(study, trial.number), trial,  # type: ignore[arg-type]
                                           param_name, param_distribution)
 
 
@@ -220,10 +221,8 @@ def create_pruner(name: str, max_epochs: int) -> optuna.pruners.BasePruner:
 def modelled_results(study: optuna.Study) -> int:
     """The results the study's sampler models when it is next asked: finished trials, and for this module's TPE the
     believed running ones too."""
-    trials = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED, TrialState.RUNNING))
-    if isinstance(study.sampler, TPESampler) and not study._is_multi_objective():
-        trials = believed(trials)
-    return sum(t.state != TrialState.RUNNING for t in trials)
+    view = _BelievedStudy(study) if isinstance(study.sampler, TPESampler) else study
+    return len(view._get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED)))
 
 
 def startup_trials(sampler: optuna.samplers.BaseSampler) -> int | None:

@@ -18,10 +18,30 @@ from bench.stats import NOISY_HALF_WIDTH_POINTS, binomial_half_width
 from bench.storage import StudyMeta, space_signature
 
 INTERRUPTED_EXIT = 130
-# --pack auto on CUDA. The issue's H100 prototype of this packing trained 39k member-images/s at K=1, 250k at 8,
-# 474k at 32 and 498k at 64: 32 is within 5% of the best and fills its packs from fewer trials. On CPU packing
+# --pack auto on CUDA, at most. The issue's H100 prototype of this packing trained 39k member-images/s at K=1, 250k at
+# 8, 474k at 32 and 498k at 64: 32 is within 5% of the best and fills its packs from fewer trials. On CPU packing
 # is no faster (bench.perf --pack 1,4 on the 2-core EPYC: see the README), so auto is 1 there.
 AUTO_PACK_CUDA = 32
+# A sampled study's auto pack leaves at least this many trials per member: a pack asks K trials before any result
+# exists. Simulated (bench.perf --simulate-search, TPE + median, 30 paired repeats, best found - solo's at equal
+# trials): 4 or more trials per member found what solo finds (K=8 at 50 trials -0.0023 [-0.0107, +0.0062], K=16 at
+# 75 -0.0026 [-0.0108, +0.0055], at 100 -0.0047 [-0.0150, +0.0056]); fewer did not always (K=16 at 50 -0.0077
+# [-0.0171, +0.0016], K=32 at 50 -0.0097 [-0.0179, -0.0016]; K=32 at 75 -0.0027, at 100 -0.0024).
+AUTO_PACK_TRIALS_PER_MEMBER = 4
+
+
+def resolve_pack(pack: int | str, device: torch.device, trials: int | None = None) -> int:
+    """--pack's K. auto: 1 on CPU; on CUDA AUTO_PACK_CUDA, or for a study that samples `trials` trials the largest
+    power of two up to it that leaves AUTO_PACK_TRIALS_PER_MEMBER trials per member (50 trials: 8, 75: 16,
+    128: 32). Designed runs (the matrix, a recording) pass no trials: their configs do not depend on results."""
+    if pack != "auto":
+        return int(pack)
+    if device.type != "cuda":
+        return 1
+    if trials is None:
+        return AUTO_PACK_CUDA
+    fits = max(1, trials // AUTO_PACK_TRIALS_PER_MEMBER)
+    return min(AUTO_PACK_CUDA, 1 << (fits.bit_length() - 1))
 
 
 def duration(seconds: float) -> str:
@@ -40,10 +60,6 @@ def pack_size(text: str) -> int | str:
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be 1 or more, got {value}")
     return value
-
-
-def resolve_pack(pack: int | str, device: torch.device) -> int:
-    return (AUTO_PACK_CUDA if device.type == "cuda" else 1) if pack == "auto" else int(pack)
 
 
 def positive_int(text: str) -> int:

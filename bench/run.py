@@ -16,6 +16,7 @@ import torch
 from bench.checkpoint import KEEP_POLICIES, CheckpointSink, artifact_dir, open_store
 from bench.cli import (
     AUTO_PACK_CUDA,
+    AUTO_PACK_TRIALS_PER_MEMBER,
     INTERRUPTED_EXIT,
     add_data_args,
     add_study_args,
@@ -64,8 +65,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="answer trials from a recorded table (bench.record) instead of training: no data is loaded, "
                         "the space and the epochs are the table's (--max-epochs does not apply)")
     g.add_argument("--pack", type=pack_size, default="auto",
-                   help=f"trials trained at once, one packed network per shape signature: K, or auto ({AUTO_PACK_CUDA} "
-                        "on CUDA, 1 on CPU) (default: auto)")
+                   help=f"trials trained at once, one packed network per shape signature: K, or auto (on CUDA up to "
+                        f"{AUTO_PACK_CUDA}, {AUTO_PACK_TRIALS_PER_MEMBER} trials per member: 8 for 50 trials; 1 on CPU) "
+                        "(default: auto)")
     g.add_argument("--pack-per-shape", type=positive_int, default=None, metavar="N",
                    help="members one sampled architecture may bring into a pack, itself included (default: trials / 25, "
                         "at least 1: a 50-trial study explores as many shapes packed as solo; see README 'Packs')")
@@ -96,7 +98,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if table is not None and args.workers > 1:
         raise UsageError("--replay answers a trial in milliseconds: run it with one worker (drop --workers)")
     for device in [] if table is not None else (args.devices or args.device).split(","):
-        if resolve_pack(args.pack, resolve_device(device)) > 1 and args.precision == "fp16":
+        if resolve_pack(args.pack, resolve_device(device), args.trials) > 1 and args.precision == "fp16":
             raise UsageError("--precision fp16 cannot train a pack (one loss scale for all members couples them); "
                              "use --precision bf16 or fp32, or --pack 1")
     optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -162,11 +164,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     guard = FailureGuard()
     prefix = "" if args.worker_id is None else f"[worker {args.worker_id}] "
     signal.signal(signal.SIGTERM, raise_interrupt)
-    pack = resolve_pack(args.pack, trainer.device)
+    pack = resolve_pack(args.pack, trainer.device, args.trials)
     callbacks = [guard, lambda s, t: print(prefix + trial_line(t), flush=True)]
     try:
         if pack > 1:
-            print(f"{prefix}training up to {pack} trials at once in packs (one packed network per shape)", flush=True)
+            why = (f"; auto: a member per {AUTO_PACK_TRIALS_PER_MEMBER} trials, at most {AUTO_PACK_CUDA}"
+                   if args.pack == "auto" else "")
+            print(f"{prefix}training up to {pack} trials at once in packs (one packed network per shape{why})",
+                  flush=True)
         stats = run_packs(study, trainer, args.trials, pack=pack, gate=gate, timeout=args.timeout,
                           callbacks=callbacks, guard=guard, per_shape=args.pack_per_shape,
                           say=lambda line: print(prefix + line, flush=True))
@@ -197,8 +202,10 @@ def spawn_workers(argv: list[str], args: argparse.Namespace, storage_url: str, s
     procs = []
     for i in range(args.workers):
         device = devices[i % len(devices)]
+        # auto's pack leaves trials per member across all workers' packs (a worker alone sees only its own)
+        pack = resolve_pack(args.pack, resolve_device(device), args.trials // args.workers)
         extra = ["--workers", "1", "--worker-id", str(i), "--device", device, "--storage", storage_url,
-                 "--no-baseline", "--quiet", *(["--threads", str(threads)] if threads else [])]
+                 "--no-baseline", "--quiet", "--pack", str(pack), *(["--threads", str(threads)] if threads else [])]
         env = os.environ | ({"OMP_NUM_THREADS": str(threads)} if threads else {})
         procs.append(subprocess.Popen([sys.executable, "-m", "bench.run", *argv, *extra], env=env))
         print(f"worker {i}: pid {procs[-1].pid}, device {device}" + (f", {threads} CPU threads" if threads else ""),

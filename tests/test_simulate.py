@@ -7,7 +7,9 @@ import contextlib
 import numpy as np
 import optuna
 import pytest
+import torch
 
+from bench.cli import AUTO_PACK_CUDA, resolve_pack
 from bench.packed import shape_signature
 from bench.runner import run_packs
 from bench.samplers import create_pruner, create_sampler
@@ -65,6 +67,16 @@ def test_a_pack_of_32_finds_with_75_trials_what_solo_finds_with_50(runs):
     assert packed.has_interval and packed.high >= 0
     equal = paired_diff(np.array([r.best_value for r in runs[32]]), np.array([r.best_value for r in runs[1]]))
     assert packed.mean > equal.mean
+
+
+def test_auto_packs_a_sampled_study_no_larger_than_its_trials_search_well_with():
+    """--pack auto on CUDA sizes a sampled study's pack by its trials (4 per member): 50 trials get the pack of 8 that
+    finds what solo finds (above), not the 32 that finds less at 50; designed runs (no trials) and CPUs as before."""
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    assert [resolve_pack("auto", cuda, n) for n in (1, 5, 12, 49, 50, 64, 75, 100, 127, 128, 10_000)] == \
+        [1, 1, 2, 8, 8, 16, 16, 16, 16, 32, AUTO_PACK_CUDA]
+    assert resolve_pack("auto", cuda) == AUTO_PACK_CUDA and resolve_pack("auto", cpu, 50) == 1
+    assert resolve_pack(32, cuda, 50) == 32 and resolve_pack(4, cpu, 50) == 4  # a chosen K is kept
 
 
 def test_plain_batches_change_only_what_the_sampler_knows():

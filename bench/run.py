@@ -98,7 +98,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if table is not None and args.workers > 1:
         raise UsageError("--replay answers a trial in milliseconds: run it with one worker (drop --workers)")
     for device in [] if table is not None else (args.devices or args.device).split(","):
-        if resolve_pack(args.pack, resolve_device(device), args.trials) > 1 and args.precision == "fp16":
+        if resolve_pack(args.pack, resolve_device(device), args.trials // args.workers) > 1 and args.precision == "fp16":
             raise UsageError("--precision fp16 cannot train a pack (one loss scale for all members couples them); "
                              "use --precision bf16 or fp32, or --pack 1")
     optuna.logging.set_verbosity(optuna.logging.WARNING)

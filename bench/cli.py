@@ -23,10 +23,11 @@ INTERRUPTED_EXIT = 130
 # is no faster (bench.perf --pack 1,4 on the 2-core EPYC: see the README), so auto is 1 there.
 AUTO_PACK_CUDA = 32
 # A sampled study's auto pack leaves at least this many trials per member: a pack asks K trials before any result
-# exists. Simulated (bench.perf --simulate-search, TPE + median, 30 paired repeats, best found - solo's at equal
-# trials): 4 or more trials per member found what solo finds (K=8 at 50 trials -0.0023 [-0.0107, +0.0062], K=16 at
-# 75 -0.0026 [-0.0108, +0.0055], at 100 -0.0047 [-0.0150, +0.0056]); fewer did not always (K=16 at 50 -0.0077
-# [-0.0171, +0.0016], K=32 at 50 -0.0097 [-0.0179, -0.0016]; K=32 at 75 -0.0027, at 100 -0.0024).
+# exists. Simulated (bench.perf --simulate-search --pack 1,8,16,32 --trials 50|75|100 --repeats 30, TPE + median,
+# best found - solo's at equal trials): with 4 or more trials per member the mean loss stayed under half a point
+# (K=8 at 50 trials -0.0023 [-0.0107, +0.0062], K=16 at 75 -0.0026, at 100 -0.0047); K=32 at 50 lost a point
+# (-0.0097 [-0.0179, -0.0016]) and K=16 at 50 nearly as much (-0.0077 [-0.0171, +0.0016]), while K=32 at 75 and
+# 100 did not (-0.0027, -0.0024). 4 is the conservative reading: no pack it picks lost half a point there.
 AUTO_PACK_TRIALS_PER_MEMBER = 4
 
 

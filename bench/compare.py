@@ -151,7 +151,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         device = resolve_device(args.device)
     evaluations = args.trials or default_evaluations(sum(not p.distribution.single() for p in space))
     budget = args.budget_epochs or evaluations * max_epochs
-    pack = 1 if args.replay else resolve_pack(args.pack, device, evaluations)
+    pack = 1 if args.replay else resolve_pack(args.pack, device, budget // max_epochs)  # (full-budget trials)
     storage = open_storage(storage_url)
     print(f"comparison {args.name!r} ({redact(storage_url)}): {len(arms)} arms x {args.repeats} repeats, "
           f"budget {budget} training epochs each ({budget / max_epochs:g} full-budget trials of {max_epochs} epochs)"

@@ -65,9 +65,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="answer trials from a recorded table (bench.record) instead of training: no data is loaded, "
                         "the space and the epochs are the table's (--max-epochs does not apply)")
     g.add_argument("--pack", type=pack_size, default="auto",
-                   help=f"trials trained at once, one packed network per shape signature: K, or auto (on CUDA up to "
-                        f"{AUTO_PACK_CUDA}, {AUTO_PACK_TRIALS_PER_MEMBER} trials per member: 8 for 50 trials; 1 on CPU) "
-                        "(default: auto)")
+                   help=f"trials trained at once, one packed network per shape signature: K, or auto (1 on CPU; on CUDA a "
+                        f"power of two up to {AUTO_PACK_CUDA} leaving {AUTO_PACK_TRIALS_PER_MEMBER} trials per member "
+                        "across --workers: 8 for 50 trials) (default: auto)")
     g.add_argument("--pack-per-shape", type=positive_int, default=None, metavar="N",
                    help="members one sampled architecture may bring into a pack, itself included (default: trials / 25, "
                         "at least 1: a 50-trial study explores as many shapes packed as solo; see README 'Packs')")
@@ -98,7 +98,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if table is not None and args.workers > 1:
         raise UsageError("--replay answers a trial in milliseconds: run it with one worker (drop --workers)")
     for device in [] if table is not None else (args.devices or args.device).split(","):
-        if resolve_pack(args.pack, resolve_device(device), args.trials // args.workers) > 1 and args.precision == "fp16":
+        if worker_pack(args, device) > 1 and args.precision == "fp16":
             raise UsageError("--precision fp16 cannot train a pack (one loss scale for all members couples them); "
                              "use --precision bf16 or fp32, or --pack 1")
     optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -194,6 +194,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 0
 
 
+def worker_pack(args: argparse.Namespace, device: str) -> int:
+    """The pack one of `args.workers` workers trains on `device`. auto leaves its trials per member across all the
+    workers' packs: trials / workers for each (a worker alone would size its pack by the whole study)."""
+    return resolve_pack(args.pack, resolve_device(device), args.trials // args.workers)
+
+
 def spawn_workers(argv: list[str], args: argparse.Namespace, storage_url: str, study: optuna.Study) -> int:
     """Run `args.workers` processes of this command on one study; one device each when --devices is given."""
     devices = args.devices.split(",") if args.devices else [args.device]
@@ -202,14 +208,13 @@ def spawn_workers(argv: list[str], args: argparse.Namespace, storage_url: str, s
     procs = []
     for i in range(args.workers):
         device = devices[i % len(devices)]
-        # auto's pack leaves trials per member across all workers' packs (a worker alone sees only its own)
-        pack = resolve_pack(args.pack, resolve_device(device), args.trials // args.workers)
+        pack = worker_pack(args, device)
         extra = ["--workers", "1", "--worker-id", str(i), "--device", device, "--storage", storage_url,
                  "--no-baseline", "--quiet", "--pack", str(pack), *(["--threads", str(threads)] if threads else [])]
         env = os.environ | ({"OMP_NUM_THREADS": str(threads)} if threads else {})
         procs.append(subprocess.Popen([sys.executable, "-m", "bench.run", *argv, *extra], env=env))
-        print(f"worker {i}: pid {procs[-1].pid}, device {device}" + (f", {threads} CPU threads" if threads else ""),
-              flush=True)
+        print(f"worker {i}: pid {procs[-1].pid}, device {device}, pack {pack}"
+              + (f", {threads} CPU threads" if threads else ""), flush=True)
     signal.signal(signal.SIGTERM, raise_interrupt)
     try:
         codes = [p.wait() for p in procs]

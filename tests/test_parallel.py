@@ -174,3 +174,32 @@ def test_sigint_fails_the_running_trial_as_interrupted_and_a_rerun_resumes(workd
     code, out = finish(bench_run(workdir, *args))  # the study is done: nothing is queued or run again
     assert code == 0, out
     assert len(load(url, "i").trials) == len(study.trials)
+
+
+def test_workers_size_auto_packs_by_their_share_of_the_trials(monkeypatch, capsys):
+    """--pack auto across workers leaves 4 trials per member of all their packs together (the README's rule): two CUDA
+    workers on a 50-trial study pack 4 each, not the 8 each a lone worker would take; a chosen --pack is kept."""
+    import torch
+
+    import bench.run
+
+    launched: list[list[str]] = []
+
+    class Launched:
+        pid = 0
+
+        def __init__(self, cmd, env):
+            launched.append(cmd)
+
+        def wait(self):
+            return 0
+
+    monkeypatch.setattr(bench.run.subprocess, "Popen", Launched)
+    monkeypatch.setattr(bench.run, "resolve_device", torch.device)  # CUDA devices named, none needed
+    study = optuna.create_study()
+    for extra, packs in (([], ["4", "4"]), (["--pack", "16"], ["16", "16"])):
+        launched.clear()
+        argv = ["--trials", "50", "--workers", "2", "--devices", "cuda:0,cuda:1", *extra]
+        assert bench.run.spawn_workers(argv, bench.run.build_parser().parse_args(argv), "sqlite://", study) == 0
+        assert [bench.run.build_parser().parse_args(cmd[3:]).pack for cmd in launched] == [int(p) for p in packs]
+    assert "device cuda:1, pack 16" in capsys.readouterr().out

@@ -23,9 +23,11 @@ def install(session: nox.Session, *extras: str) -> None:
 
 @nox.session(python="3.11")
 def tests(session: nox.Session) -> None:
-    """Run the test suite (posargs go to pytest)."""
+    """Run the test suite on every core, a test file per worker (posargs go to pytest; `-n 0` runs it serially)."""
     install(session, "test", "postgres")
-    session.run("pytest", *session.posargs)
+    # loadfile: a module's tests run in order in one process, so module fixtures (the search simulations, the recorded
+    # table) are built once and the tests that read what an earlier one wrote still find it
+    session.run("pytest", "-n", "auto", "--dist", "loadfile", *session.posargs)
 
 
 def postgres_bin(name: str) -> str | None:

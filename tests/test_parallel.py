@@ -18,6 +18,7 @@ from optuna.trial import FrozenTrial, TrialState
 
 from bench.sample_data import make_image_folder
 from bench.schema import Attr
+from bench.space import EPOCHS_PARAM
 from bench.storage import open_storage
 
 PG_URL = os.environ.get("BENCH_PG_URL")
@@ -102,16 +103,18 @@ def _running_after(url: str, name: str, finished_at_least: int, running: Callabl
 
 
 def _kill_worker_mid_trial_then_resume(workdir: Path, url: str, name: str, extra: list[str], wait_s: float) -> None:
-    # trials long enough to be caught mid-way: more images, up to 15 epochs
-    make_image_folder(workdir / "tiny", per_class=150, test_per_class=5, seed=1)
+    # caught mid-way: the victim has reported an epoch and has 3 or more to go (up to 15 epochs, 450 train images)
+    make_image_folder(workdir / "tiny", per_class=60, test_per_class=5, seed=1)
     args = ["--trials", "6", "--workers", "2", "--max-epochs", "15", "--no-baseline", "--study-name", name,
             "--storage", url, "--pruner", "none", *extra]
     proc = bench_run(workdir, *args)
     lines: list[str] = []
     reader = threading.Thread(target=lambda: lines.extend(proc.stdout), daemon=True)
     reader.start()
-    _wait_for(_running_after(url, name, 2, running=lambda t: Attr.WORKER in t.user_attrs))
-    victim = next(t for t in load(url, name).trials if t.state == TrialState.RUNNING and Attr.WORKER in t.user_attrs)
+    _wait_for(_running_after(url, name, 2, running=lambda t: Attr.WORKER in t.user_attrs and bool(t.intermediate_values)
+                                                          and t.params[EPOCHS_PARAM] >= 4))
+    victim = next(t for t in load(url, name).trials if t.state == TrialState.RUNNING and t.intermediate_values
+                  and t.params[EPOCHS_PARAM] >= 4)
     os.kill(int(victim.user_attrs[Attr.WORKER].rsplit(":", 1)[1]), signal.SIGKILL)
     proc.wait(timeout=240)
     reader.join(timeout=10)
@@ -147,7 +150,7 @@ def test_sigkilled_worker_on_postgresql_is_failed_by_heartbeat(workdir):
 
 
 def test_sigint_fails_the_running_trial_as_interrupted_and_a_rerun_resumes(workdir):
-    make_image_folder(workdir / "tiny", per_class=150, test_per_class=5, seed=1)
+    make_image_folder(workdir / "tiny", per_class=60, test_per_class=5, seed=1)
     url = f"sqlite:///{workdir / 'studies' / 'i.db'}"
     # trial 0 is the enqueued 10-epoch SimpleCNN preset; signalled after its first epoch, it has 9 left (sampled
     # trials can be 1 epoch long and finish before the signal lands: seen in CI on 2 loaded cores)

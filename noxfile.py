@@ -23,7 +23,7 @@ def install(session: nox.Session, *extras: str) -> None:
 
 @nox.session(python="3.11")
 def tests(session: nox.Session) -> None:
-    """Run the test suite on every core, a test file per worker (posargs go to pytest; `-n 0` runs it serially)."""
+    """Run the test suite on every core, each test file whole on one worker (posargs go to pytest; `-n 0`: serially)."""
     install(session, "test", "postgres")
     # loadfile: a module's tests run in order in one process, so module fixtures (the search simulations, the recorded
     # table) are built once and the tests that read what an earlier one wrote still find it

@@ -13,7 +13,8 @@ from bench.sample_data import make_image_folder
 
 def pytest_configure(config: pytest.Config) -> None:
     workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
-    if workers > 1:  # workers share the cores: each with torch's default (one thread a core) would oversubscribe them
+    if workers > 1:  # workers share the cores: each with torch's default (one thread a core) would oversubscribe them;
+        # bench.run's worker subprocesses size their own threads
         torch.set_num_threads(max(1, torch.get_num_threads() // workers))
 
 

@@ -12,13 +12,14 @@ import uuid
 from collections.abc import Callable
 from pathlib import Path
 
+import numpy as np
 import optuna
 import pytest
 from optuna.trial import FrozenTrial, TrialState
 
 from bench.sample_data import make_image_folder
 from bench.schema import Attr
-from bench.space import EPOCHS_PARAM
+from bench.space import config_from_params
 from bench.storage import open_storage
 
 PG_URL = os.environ.get("BENCH_PG_URL")
@@ -79,31 +80,44 @@ def test_four_workers_on_postgresql(workdir):
     assert_exact(load(PG_URL, name), 8)
 
 
-def _wait_for(predicate, timeout: float = 120.0) -> None:
+def _wait_for(predicate, timeout: float = 120.0):
+    """The predicate's first truthy value, polled every 0.2 s."""
     end = time.monotonic() + timeout
     while time.monotonic() < end:
-        if predicate():
-            return
+        if found := predicate():
+            return found
         time.sleep(0.2)
     raise AssertionError("condition not reached in time")
 
 
 def _running_after(url: str, name: str, finished_at_least: int, running: Callable[[FrozenTrial], bool] = bool):
-    """A check: `finished_at_least` trials finished and one running for which `running` holds (a trial is RUNNING from
-    its ask, a moment before its worker records itself and before it reports an epoch)."""
-    def check() -> bool:
+    """A check: once `finished_at_least` trials finished, a running trial for which `running` holds, else None (a trial
+    is RUNNING from its ask, a moment before its worker records itself and before it reports an epoch)."""
+    def check() -> FrozenTrial | None:
         try:
             study = load(url, name)
         except Exception:  # not created yet
-            return False
+            return None
         trials = study.get_trials(deepcopy=False)
-        done = sum(t.state in (TrialState.COMPLETE, TrialState.PRUNED) for t in trials)
-        return done >= finished_at_least and any(t.state == TrialState.RUNNING and running(t) for t in trials)
+        if sum(t.state in (TrialState.COMPLETE, TrialState.PRUNED) for t in trials) < finished_at_least:
+            return None
+        return next((t for t in trials if t.state == TrialState.RUNNING and running(t)), None)
     return check
 
 
+def _epochs_left(trial: FrozenTrial) -> float:
+    """The fewest epochs a running trial still trains: its budget, or early stopping's patience less the epochs since
+    its best validation accuracy (bench.train stops when they meet)."""
+    cfg, curve = config_from_params(trial.params), list(trial.intermediate_values.values())
+    left = cfg.epochs - len(curve)
+    if cfg.early_stopping and curve:
+        stale = len(curve) - 1 - int(np.argmax(curve))  # argmax: the first best, as a strict improvement keeps it
+        left = min(left, cfg.early_stopping - stale)
+    return left
+
+
 def _kill_worker_mid_trial_then_resume(workdir: Path, url: str, name: str, extra: list[str], wait_s: float) -> None:
-    # caught mid-way: the victim has reported an epoch and has 3 or more to go (up to 15 epochs, 450 train images)
+    # caught mid-way: the victim has reported an epoch and trains 2 or more to go (up to 15 epochs, 135 train images)
     make_image_folder(workdir / "tiny", per_class=60, test_per_class=5, seed=1)
     args = ["--trials", "6", "--workers", "2", "--max-epochs", "15", "--no-baseline", "--study-name", name,
             "--storage", url, "--pruner", "none", *extra]
@@ -111,10 +125,8 @@ def _kill_worker_mid_trial_then_resume(workdir: Path, url: str, name: str, extra
     lines: list[str] = []
     reader = threading.Thread(target=lambda: lines.extend(proc.stdout), daemon=True)
     reader.start()
-    _wait_for(_running_after(url, name, 2, running=lambda t: Attr.WORKER in t.user_attrs and bool(t.intermediate_values)
-                                                          and t.params[EPOCHS_PARAM] >= 4))
-    victim = next(t for t in load(url, name).trials if t.state == TrialState.RUNNING and t.intermediate_values
-                  and t.params[EPOCHS_PARAM] >= 4)
+    victim = _wait_for(_running_after(url, name, 2, running=lambda t: bool(t.intermediate_values)
+                                      and Attr.WORKER in t.user_attrs and _epochs_left(t) >= 2))
     os.kill(int(victim.user_attrs[Attr.WORKER].rsplit(":", 1)[1]), signal.SIGKILL)
     proc.wait(timeout=240)
     reader.join(timeout=10)

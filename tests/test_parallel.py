@@ -12,7 +12,6 @@ import uuid
 from collections.abc import Callable
 from pathlib import Path
 
-import numpy as np
 import optuna
 import pytest
 from optuna.trial import FrozenTrial, TrialState
@@ -105,13 +104,13 @@ def _running_after(url: str, name: str, finished_at_least: int, running: Callabl
     return check
 
 
-def _epochs_left(trial: FrozenTrial) -> float:
+def _epochs_left(trial: FrozenTrial) -> int:
     """The fewest epochs a running trial still trains: its budget, or early stopping's patience less the epochs since
     its best validation accuracy (bench.train stops when they meet)."""
     cfg, curve = config_from_params(trial.params), list(trial.intermediate_values.values())
     left = cfg.epochs - len(curve)
     if cfg.early_stopping and curve:
-        stale = len(curve) - 1 - int(np.argmax(curve))  # argmax: the first best, as a strict improvement keeps it
+        stale = len(curve) - 1 - curve.index(max(curve))  # the first best: a strict improvement keeps it
         left = min(left, cfg.early_stopping - stale)
     return left
 

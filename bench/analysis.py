@@ -110,6 +110,44 @@ def csv_frame(trials: pd.DataFrame) -> pd.DataFrame:
     return out
 
 
+COST_STATES = ("COMPLETE", "PRUNED", "FAIL")  # a running or waiting trial has recorded no cost yet
+
+
+def cost_frame(trials: pd.DataFrame) -> pd.DataFrame:
+    """What the study's training cost, read from its trials, one row per budget tier (a designed study's cells; a search
+    mixes budgets, so its rows are per device and precision only), device and precision: trials by state, images
+    trained (epochs run x train images: the epochs an interrupted attempt finished count, its last partial one not),
+    hours of training (every attempt's recorded time, evaluation included), the median speed of the complete trials,
+    and the dates. A study resumed on other machines shows each arithmetic on its own row."""
+    keys = ["device", "precision"]
+    frame = trials[trials["state"].isin(COST_STATES)].copy()
+    if frame["cell"].notna().any():
+        keys.insert(0, EPOCHS_PARAM)
+    columns = [*keys, "complete", "pruned", "failed", "images_trained", "train_hours", "images_per_sec", "first", "last"]
+    if frame.empty:
+        return pd.DataFrame(columns=columns)
+    frame["device"] = frame["device"].where(frame["device"].notna(), NOT_RECORDED)
+    frame["precision"] = frame["precision"].where(frame["precision"].notna(), NOT_RECORDED)
+    epochs_run = pd.to_numeric(frame["epochs_run"], errors="coerce").fillna(0)
+    frame["images_trained"] = (epochs_run * frame["train_images"].fillna(0)).astype("int64")
+    frame["train_hours"] = frame["train_seconds"].fillna(0) / 3600
+    rows = []
+    for key, group in frame.groupby(keys, sort=True):
+        states = group["state"].value_counts()
+        speed = group.loc[group["state"] == "COMPLETE", "images_per_sec"].dropna()
+        rows.append(dict(zip(keys, key, strict=True)) | {
+            "complete": int(states.get("COMPLETE", 0)), "pruned": int(states.get("PRUNED", 0)),
+            "failed": int(states.get("FAIL", 0)), "images_trained": int(group["images_trained"].sum()),
+            "train_hours": round(float(group["train_hours"].sum()), 3),
+            "images_per_sec": round(float(speed.median()), 1) if len(speed) else math.nan,
+            "first": min(group["datetime_start"].dropna(), default=pd.NaT),
+            "last": max(group["datetime_complete"].dropna(), default=pd.NaT)})
+    out = pd.DataFrame(rows, columns=columns)
+    for col in ("first", "last"):  # dates, not times: the CSV stays readable and the page short
+        out[col] = pd.to_datetime(out[col]).dt.strftime("%Y-%m-%d")
+    return out
+
+
 # --- claims -------------------------------------------------------------------------------
 
 

@@ -34,6 +34,7 @@ from bench.analysis import (  # noqa: E402
     CellData,
     baseline_interval,
     baseline_rows,
+    cost_frame,
     csv_frame,
     cumulative_frame,
     designed_cells,
@@ -47,7 +48,7 @@ from bench.compare_report import open_compare_storage, write_compare_report  # n
 from bench.comparison import agreement, analyse  # noqa: E402
 from bench.errors import run_cli  # noqa: E402
 from bench.schema import StudyAttr  # noqa: E402
-from bench.space import BASELINE, BUDGET_TIERS, FACTORS, build_space  # noqa: E402
+from bench.space import BASELINE, BUDGET_TIERS, EPOCHS_PARAM, FACTORS, build_space  # noqa: E402
 from bench.stats import MIN_PAIRS, NOISY_HALF_WIDTH_POINTS, binomial_half_width, mean_interval  # noqa: E402
 from bench.storage import load_existing_study  # noqa: E402
 
@@ -314,7 +315,41 @@ def _md(text: object) -> str:
     return str(text).replace("|", "\\|").replace("\n", " ")
 
 
-def markdown_tables(matrix: pd.DataFrame, cumulative: pd.DataFrame | None = None) -> str:
+def cost_display(cost: pd.DataFrame) -> pd.DataFrame:
+    """The cost frame as people read it, with a total row: counts in words, millions of images, hours, date ranges."""
+    if cost.empty:
+        return pd.DataFrame()
+
+    def trials_text(complete: int, pruned: int, failed: int) -> str:
+        parts = [f"{complete} complete"] + [f"{n} {what}" for n, what in ((pruned, "pruned"), (failed, "failed")) if n]
+        return ", ".join(parts)
+
+    def dates(first: object, last: object) -> str:
+        if _missing(first) or _missing(last):
+            return DASH
+        return str(first) if first == last else f"{first} to {last}"
+
+    rows = []
+    for _, r in cost.iterrows():
+        row = {"tier": f"{int(r[EPOCHS_PARAM])} ep"} if EPOCHS_PARAM in cost.columns else {}
+        rows.append(row | {
+            "device": r["device"], "precision": r["precision"],
+            "trials": trials_text(_count(r["complete"]), _count(r["pruned"]), _count(r["failed"])),
+            "images trained, millions": f"{r['images_trained'] / 1e6:.1f}", "train hours": f"{r['train_hours']:.1f}",
+            "median images/s": DASH if _missing(r["images_per_sec"]) else f"{r['images_per_sec']:,.0f}",
+            "dates": dates(r["first"], r["last"])})
+    if len(cost) > 1:
+        total = {"tier": "all"} if EPOCHS_PARAM in cost.columns else {}
+        rows.append(total | {
+            "device": "all", "precision": "all",
+            "trials": trials_text(*(int(cost[c].sum()) for c in ("complete", "pruned", "failed"))),
+            "images trained, millions": f"{cost['images_trained'].sum() / 1e6:.1f}",
+            "train hours": f"{cost['train_hours'].sum():.1f}", "median images/s": DASH,
+            "dates": dates(cost["first"].dropna().min(), cost["last"].dropna().max())})
+    return pd.DataFrame(rows)
+
+
+def markdown_tables(matrix: pd.DataFrame, cumulative: pd.DataFrame | None = None, cost: pd.DataFrame | None = None) -> str:
     """The README's tables, from the frames as matrix.csv and cumulative.csv hold them (read back or fresh: the same
     text), so the published page, its CSV and the README cannot drift apart."""
     lines = ["| level | tier | vs | n | test acc % [95% CI] | diff, points [95% CI] | claim | verdict, or why none |",
@@ -336,6 +371,10 @@ def markdown_tables(matrix: pd.DataFrame, cumulative: pd.DataFrame | None = None
             lines.append("| " + " | ".join(_md(x) for x in (
                 r["step"], r["cell"], _count(r["n"]), ci_text(r["mean_acc"], r["acc_low"], r["acc_high"], _count(r["n"])),
                 ci_text(r["step_diff"], r["step_low"], r["step_high"], _count(r["n_pairs"]), signed=True))) + " |")
+    if cost is not None and len(cost):
+        shown = cost_display(cost)
+        lines += ["", "| " + " | ".join(shown.columns) + " |", "|" + "---|" * len(shown.columns)]
+        lines += ["| " + " | ".join(_md(x) for x in r) + " |" for r in shown.itertuples(index=False)]
     return "\n".join(lines) + "\n"
 
 
@@ -411,7 +450,8 @@ def _changes(row: pd.Series, names: list[str]) -> str:
 
 
 def render_html(study: optuna.Study, trials: pd.DataFrame, matrix: pd.DataFrame, cumulative: pd.DataFrame,
-                plots: dict[str, bytes], importance_note: str = "", cells: dict[str, CellData] | None = None) -> str:
+                plots: dict[str, bytes], importance_note: str = "", cells: dict[str, CellData] | None = None,
+                cost: pd.DataFrame | None = None) -> str:
     esc = html.escape
     parts = [f"<!doctype html><html><head><meta charset='utf-8'><title>bench report: {esc(study.study_name)}</title>"
              f"<style>{CSS}</style></head><body><h1>bench report: {esc(study.study_name)}</h1>"]
@@ -460,6 +500,10 @@ def render_html(study: optuna.Study, trials: pd.DataFrame, matrix: pd.DataFrame,
                 cumulative["step_diff"], cumulative["step_low"], cumulative["step_high"], cumulative["n_pairs"], strict=True)]})
         parts.append("<h2>Cumulative path</h2>" + _table(shown[["step", "cell", "n", "n_diverged", "budget_epochs", "test acc % [95% CI]",
                                                               "change from the step before, points [95% paired CI]"]]))
+    if cost is not None and not cost.empty:
+        parts.append("<h2>What it cost</h2>" + _table(cost_display(cost)) + "<p class='muted'>Images trained: epochs run x "
+                     "train images, an interrupted attempt's finished epochs included; train hours: every attempt's "
+                     "recorded time, evaluation included (cost.csv).</p>")
     parts.append("<h2>Plots</h2>")
     if not plots:
         parts.append(f"<p class='muted'>{NOTHING}: no completed trial yet.</p>")
@@ -515,6 +559,9 @@ def write_report(study: optuna.Study, out: Path, *, fmt: str = "html") -> list[P
         written.append(out / "cumulative.csv")
     else:
         (out / "cumulative.csv").unlink(missing_ok=True)  # never a stale path from an earlier report
+    cost = cost_frame(trials)
+    cost.to_csv(out / "cost.csv", index=False)
+    written.append(out / "cost.csv")
     if fmt == "csv":
         return written
     if fmt == "markdown":
@@ -526,15 +573,17 @@ def write_report(study: optuna.Study, out: Path, *, fmt: str = "html") -> list[P
     for name, png in plots.items():
         (out / f"{name}.png").write_bytes(png)
         written.append(out / f"{name}.png")
-    (out / "index.html").write_text(render_html(study, trials, matrix, cumulative, plots, importance_note, cells), encoding="utf-8")
+    (out / "index.html").write_text(render_html(study, trials, matrix, cumulative, plots, importance_note, cells, cost),
+                                    encoding="utf-8")
     written += [out / "index.html", write_markdown(out)]
     return written
 
 
 def write_markdown(out: Path) -> Path:
-    """matrix.md from the matrix.csv (and cumulative.csv) in `out`, as the README shows them."""
-    cumulative = out / "cumulative.csv"
-    text = markdown_tables(pd.read_csv(out / "matrix.csv"), pd.read_csv(cumulative) if cumulative.exists() else None)
+    """matrix.md from the matrix.csv (and cumulative.csv, cost.csv) in `out`, as the README shows them."""
+    cumulative, cost = out / "cumulative.csv", out / "cost.csv"
+    text = markdown_tables(pd.read_csv(out / "matrix.csv"), pd.read_csv(cumulative) if cumulative.exists() else None,
+                           pd.read_csv(cost) if cost.exists() else None)
     (out / "matrix.md").write_text(text, encoding="utf-8")
     return out / "matrix.md"
 

@@ -24,7 +24,7 @@ def test_matrix_csv_regenerates_from_the_committed_study(tmp_path):
     shutil.copy(STUDY, db)
     study = optuna.load_study(study_name="cifar10-matrix", storage=f"sqlite:///{db}")
     write_report(study, tmp_path / "out", fmt="markdown")
-    for name in ("matrix.csv", "cumulative.csv", "matrix.md"):
+    for name in ("matrix.csv", "cumulative.csv", "cost.csv", "matrix.md"):
         if (REPORT / name).exists() or (tmp_path / "out" / name).exists():
             assert (tmp_path / "out" / name).read_text() == (REPORT / name).read_text(), f"{name} drifted from the study"
 

@@ -12,6 +12,7 @@ from scipy import stats as sps
 
 from bench.analysis import (
     BASELINE_CELL,
+    cost_frame,
     matrix_frame,
     pareto_front_rows,
     trials_frame,
@@ -45,9 +46,9 @@ def row(matrix: pd.DataFrame, level: str, budget: int = 5, claim: str | None = N
 
 
 def add_trial(study, cfg=BASELINE, *, test_acc=0.5, state=TrialState.COMPLETE, cell=None, seconds=10.0, curve=None,
-              seed=None, images=FULL_IMAGES, stop_reason=None, fail_reason=None, precision=None):
+              seed=None, images=FULL_IMAGES, stop_reason=None, fail_reason=None, precision=None, speed=None, epochs_run=2):
     params = params_for_config(cfg, SPACE)
-    attrs = {Attr.TEST_ACC: test_acc, Attr.VAL_ACC: test_acc, Attr.TRAIN_SECONDS: seconds, Attr.EPOCHS_RUN: 2,
+    attrs = {Attr.TEST_ACC: test_acc, Attr.VAL_ACC: test_acc, Attr.TRAIN_SECONDS: seconds, Attr.EPOCHS_RUN: epochs_run,
              Attr.VAL_CURVE: curve or [test_acc - 0.1, test_acc], Attr.LOSS_CURVE: [2.0, 1.5], Attr.DEVICE: "cpu",
              Attr.TRAIN_IMAGES: images, Attr.NUM_CLASSES: 10}
     if cell:
@@ -56,6 +57,8 @@ def add_trial(study, cfg=BASELINE, *, test_acc=0.5, state=TrialState.COMPLETE, c
         attrs[Attr.SEED] = seed
     if precision is not None:
         attrs[Attr.PRECISION] = precision
+    if speed is not None:
+        attrs[Attr.IMAGES_PER_SEC] = speed
     if stop_reason:
         attrs[Attr.STOP_REASON] = stop_reason
     if fail_reason:
@@ -261,6 +264,44 @@ def test_trials_frame_has_every_parameter_and_metric():
     assert frame.loc[6, "batch_norm"] is True or frame.loc[6, "batch_norm"] == True  # noqa: E712
 
 
+
+def test_cost_frame_counts_every_attempt_per_tier_and_precision(tmp_path):
+    """What the study cost, per budget tier, device and precision: an interrupted attempt's finished epochs and its
+    time count, a running trial does not, and the page, cost.csv and matrix.md show the same figures with a total."""
+    study = designed_study()  # 15 complete 5-epoch trials, 2 epochs run each, 10 s, precision not recorded
+    add_cell(study, "20 epochs", BASELINE.replace(epochs=20), (0.60, 0.63), precision="fp32", seconds=1800.0,
+             epochs_run=20, speed=600.0)
+    add_trial(study, BASELINE.replace(epochs=20), cell="20 epochs", seed=2, precision="fp32", seconds=360.0,
+              epochs_run=4, speed=500.0, state=TrialState.FAIL, fail_reason="interrupted")
+    add_trial(study, BASELINE.replace(epochs=20), cell="20 epochs", seed=3, precision="fp32", state=TrialState.RUNNING)
+    cost = cost_frame(trials_frame(study, SPACE))
+    assert cost[["epochs", "device", "precision", "complete", "failed"]].values.tolist() == [
+        [5, "cpu", "not recorded", 15, 0], [20, "cpu", "fp32", 2, 1]]
+    five, twenty = cost.iloc[0], cost.iloc[1]
+    assert five["images_trained"] == 15 * 2 * FULL_IMAGES and five["train_hours"] == round(150 / 3600, 3)
+    assert math.isnan(five["images_per_sec"])  # none recorded: no speed invented
+    assert twenty["images_trained"] == (20 + 20 + 4) * FULL_IMAGES  # the failed attempt's 4 finished epochs count
+    assert twenty["train_hours"] == 1.1 and twenty["images_per_sec"] == 600.0  # the median of the complete trials only
+
+    write_report(study, tmp_path)
+    assert pd.read_csv(tmp_path / "cost.csv")[["complete", "failed", "images_trained"]].values.tolist() == [
+        [15, 0, 1_350_000], [2, 1, 1_980_000]]
+    total = [line for line in (tmp_path / "matrix.md").read_text().splitlines() if line.startswith("| all |")]
+    assert total == ["| all | all | all | 17 complete, 1 failed | 3.3 | 1.1 | — | " + (
+        f"{cost['first'].min()} to {cost['last'].max()} |" if cost["first"].min() != cost["last"].max()
+        else f"{cost['first'].min()} |")]
+    assert "<h2>What it cost</h2>" in (tmp_path / "index.html").read_text()
+
+
+def test_cost_of_a_search_is_per_device_and_precision_only():
+    study = optuna.create_study(direction="maximize")
+    for epochs, state in ((3, TrialState.COMPLETE), (7, TrialState.COMPLETE), (9, TrialState.PRUNED)):
+        add_trial(study, BASELINE.replace(epochs=epochs), state=state, speed=1000.0, precision="bf16")
+    cost = cost_frame(trials_frame(study, SPACE))
+    assert "epochs" not in cost.columns
+    assert cost[["device", "precision", "complete", "pruned", "failed"]].values.tolist() == [["cpu", "bf16", 2, 1, 0]]
+
+
 def test_pareto_front():
     study = optuna.create_study(direction="maximize")
     for acc, sec in ((0.5, 10), (0.6, 20), (0.55, 30), (0.7, 40), (0.4, 5)):
@@ -306,7 +347,7 @@ def test_hostile_strings_are_escaped(tmp_path):
 def test_csv_format_writes_tables_only(tmp_path):
     study = designed_study()
     written = write_report(study, tmp_path, fmt="csv")
-    assert sorted(p.name for p in written) == ["matrix.csv", "trials.csv"]
+    assert sorted(p.name for p in written) == ["cost.csv", "matrix.csv", "trials.csv"]
 
 
 def test_many_trials(tmp_path):
@@ -441,7 +482,8 @@ def test_markdown_tables_are_made_from_the_csv_the_page_writes(tmp_path):
     add_cell(study, "20 epochs", BASELINE.replace(epochs=20), (0.60, 0.63, 0.64))
     write_report(study, tmp_path)
     text = (tmp_path / "matrix.md").read_text()
-    assert text == markdown_tables(pd.read_csv(tmp_path / "matrix.csv"), pd.read_csv(tmp_path / "cumulative.csv"))
+    assert text == markdown_tables(pd.read_csv(tmp_path / "matrix.csv"), pd.read_csv(tmp_path / "cumulative.csv"),
+                                   pd.read_csv(tmp_path / "cost.csv"))
     table = [line for line in text.splitlines() if line.startswith("| label smoothing 0.1 | 5 ep |")]
     assert len(table) == 1 and "supported" in table[0] and "62.17 [" in table[0] and "C6:" in table[0]
     assert "| 01. +20 epochs | 20 epochs | 3 |" in text and "nan" not in text.lower()

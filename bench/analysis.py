@@ -72,7 +72,7 @@ METRIC_COLUMNS = {  # frame column -> user attribute
     "train_seconds": Attr.TRAIN_SECONDS, "images_per_sec": Attr.IMAGES_PER_SEC, "param_count": Attr.PARAM_COUNT,
     "device": Attr.DEVICE, "precision": Attr.PRECISION, "seed": Attr.SEED, "cell": Attr.CELL, "fail_reason": Attr.FAIL_REASON,
     "kept_epoch": Attr.KEPT_EPOCH, "train_images": Attr.TRAIN_IMAGES, "num_classes": Attr.NUM_CLASSES,
-    "pack_size": Attr.PACK_SIZE, "pack_slot": Attr.PACK_SLOT,
+    "pack_size": Attr.PACK_SIZE, "pack_slot": Attr.PACK_SLOT, "hardware": Attr.HARDWARE, "torch": Attr.TORCH,
 }
 
 
@@ -111,38 +111,59 @@ def csv_frame(trials: pd.DataFrame) -> pd.DataFrame:
 
 
 COST_STATES = ("COMPLETE", "PRUNED", "FAIL")  # a running or waiting trial has recorded no cost yet
+COST_KINDS = ("complete", "pruned", "diverged", "failed", "interrupted")
+
+
+def cost_kind(state: str, stop_reason: Any, fail_reason: Any) -> str:
+    """How a finished attempt counts in the cost table: a designed study stores a diverged seed as PRUNED, and an
+    interrupted or orphaned attempt (run again) is not a failure of its config."""
+    if state == "COMPLETE":
+        return "complete"
+    if stop_reason == "diverged":
+        return "diverged"
+    if state == "PRUNED":
+        return "pruned"
+    return "interrupted" if stopped_from_outside(state, stop_reason, fail_reason) else "failed"
 
 
 def cost_frame(trials: pd.DataFrame) -> pd.DataFrame:
     """What the study's training cost, read from its trials, one row per budget tier (a designed study's cells; a search
-    mixes budgets, so its rows are per device and precision only), device and precision: trials by state, images
-    trained (epochs run x train images: the epochs an interrupted attempt finished count, its last partial one not),
-    hours of training (every attempt's recorded time, evaluation included), the median speed of the complete trials,
-    and the dates. A study resumed on other machines shows each arithmetic on its own row."""
+    mixes budgets, so its rows are per device and precision only), device and precision: attempts by kind, images
+    trained (epochs run x train images; an attempt whose process died recorded no epochs_run, so its validation curve
+    counts its finished epochs), device hours (each attempt's recorded train seconds, evaluation included, a packed
+    trial charged its share of the pack: seconds / pack size; an attempt whose process died recorded none and is
+    counted in `untimed`), the median speed of the complete trials, the dates, and the hardware and torch versions the
+    trials recorded. A study resumed on other machines shows each arithmetic on its own row; rows run in time order."""
     keys = ["device", "precision"]
     frame = trials[trials["state"].isin(COST_STATES)].copy()
     if frame["cell"].notna().any():
         keys.insert(0, EPOCHS_PARAM)
-    columns = [*keys, "complete", "pruned", "failed", "images_trained", "train_hours", "images_per_sec", "first", "last"]
+    columns = [*keys, "hardware", "torch", *COST_KINDS, "untimed", "images_trained", "device_hours", "images_per_sec",
+               "first", "last"]
     if frame.empty:
         return pd.DataFrame(columns=columns)
-    frame["device"] = frame["device"].where(frame["device"].notna(), NOT_RECORDED)
-    frame["precision"] = frame["precision"].where(frame["precision"].notna(), NOT_RECORDED)
-    epochs_run = pd.to_numeric(frame["epochs_run"], errors="coerce").fillna(0)
+    for col in ("device", "precision", "hardware", "torch"):
+        frame[col] = frame[col].where(frame[col].notna(), NOT_RECORDED)
+    frame["kind"] = [cost_kind(*r) for r in zip(frame["state"], frame["stop_reason"], frame["fail_reason"], strict=True)]
+    curve_epochs = frame["val_curve"].map(len)
+    epochs_run = pd.to_numeric(frame["epochs_run"], errors="coerce").fillna(curve_epochs)
     frame["images_trained"] = (epochs_run * frame["train_images"].fillna(0)).astype("int64")
-    frame["train_hours"] = frame["train_seconds"].fillna(0) / 3600
+    frame["device_hours"] = member_seconds(frame).fillna(0) / 3600
     rows = []
-    for key, group in frame.groupby(keys, sort=True):
-        states = group["state"].value_counts()
-        speed = group.loc[group["state"] == "COMPLETE", "images_per_sec"].dropna()
+    for key, group in frame.groupby(keys, sort=False):
+        kinds = group["kind"].value_counts()
+        speed = group.loc[group["kind"] == "complete", "images_per_sec"].dropna()
         rows.append(dict(zip(keys, key, strict=True)) | {
-            "complete": int(states.get("COMPLETE", 0)), "pruned": int(states.get("PRUNED", 0)),
-            "failed": int(states.get("FAIL", 0)), "images_trained": int(group["images_trained"].sum()),
-            "train_hours": round(float(group["train_hours"].sum()), 3),
+            "hardware": "; ".join(sorted(set(group["hardware"]))), "torch": "; ".join(sorted(set(group["torch"]))),
+            **{kind: int(kinds.get(kind, 0)) for kind in COST_KINDS},
+            "untimed": int(group["train_seconds"].isna().sum()), "images_trained": int(group["images_trained"].sum()),
+            "device_hours": round(float(group["device_hours"].sum()), 3),
             "images_per_sec": round(float(speed.median()), 1) if len(speed) else math.nan,
             "first": min(group["datetime_start"].dropna(), default=pd.NaT),
             "last": max(group["datetime_complete"].dropna(), default=pd.NaT)})
     out = pd.DataFrame(rows, columns=columns)
+    order = [EPOCHS_PARAM] if EPOCHS_PARAM in keys else []
+    out = out.sort_values([*order, "first", *keys], kind="stable", na_position="last").reset_index(drop=True)
     for col in ("first", "last"):  # dates, not times: the CSV stays readable and the page short
         out[col] = pd.to_datetime(out[col]).dt.strftime("%Y-%m-%d")
     return out

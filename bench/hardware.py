@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import platform
 from collections.abc import Iterator
 
 import torch
@@ -48,6 +49,18 @@ def resolve_precision(precision: str, device: torch.device) -> torch.dtype | Non
             return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
         return torch.bfloat16 if device.type == "cpu" and cpu_supports_bf16() else None
     return {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+
+
+def hardware_name(device: torch.device) -> str:
+    """What a trial really ran on, for its record ("NVIDIA H200"; "AMD EPYC, 2 threads, no bf16"): --device auto and
+    --precision auto resolve per machine, and one study's pieces may run on several (the published matrix's did)."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    model = platform.processor() or platform.machine() or "unknown CPU"
+    with contextlib.suppress(OSError):  # Linux names the model here; platform.processor() often says only "x86_64"
+        with open("/proc/cpuinfo", encoding="utf-8") as info:
+            model = next((line.split(":", 1)[1].strip() for line in info if line.startswith("model name")), model)
+    return f"{model}, {torch.get_num_threads()} threads, {'bf16' if cpu_supports_bf16() else 'no bf16'}"
 
 
 def precision_name(precision: str, device: torch.device) -> str:

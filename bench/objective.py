@@ -19,7 +19,7 @@ import torch
 from optuna.trial import TrialState
 
 from bench.data import Splits
-from bench.hardware import is_out_of_memory, precision_name, resolve_device
+from bench.hardware import hardware_name, is_out_of_memory, precision_name, resolve_device
 from bench.models import build_seeded_model, count_parameters
 from bench.packed import shape_signature
 from bench.schema import Attr
@@ -53,6 +53,7 @@ class TrialTrainer:
         self.on_model = on_model
         self.device = resolve_device(settings.device)
         self.precision = precision_name(settings.precision, self.device)  # what every trial of this run trains in
+        self.hardware = hardware_name(self.device)
 
     def member(self, trial: optuna.Trial, asked_seconds: float = 0.0) -> Member:
         """Suggest, then build the model exactly as a solo trial with this seed would (so packing changes nothing).
@@ -65,6 +66,7 @@ class TrialTrainer:
                            (Attr.DEVICE, str(self.device)),
                            (Attr.PRECISION, self.precision),
                            (Attr.WORKER, f"{socket.gethostname()}:{os.getpid()}"),
+                           (Attr.HARDWARE, self.hardware), (Attr.TORCH, torch.__version__),
                            (Attr.TRAIN_IMAGES, len(self.splits.train)), (Attr.NUM_CLASSES, len(ds.classes))):
             trial.set_user_attr(key, value)
         return self.attach_reporting(trial, Member(model, cfg, seed, test_each_epoch=self.settings.test_each_epoch))

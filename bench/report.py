@@ -29,6 +29,7 @@ import seaborn as sns  # noqa: E402
 from matplotlib.collections import LineCollection  # noqa: E402
 
 from bench.analysis import (  # noqa: E402
+    COST_KINDS,
     IMPORTANCE_SEEDS,
     NOT_RECORDED,
     CellData,
@@ -316,36 +317,41 @@ def _md(text: object) -> str:
 
 
 def cost_display(cost: pd.DataFrame) -> pd.DataFrame:
-    """The cost frame as people read it, with a total row: counts in words, millions of images, hours, date ranges."""
+    """The cost frame as people read it, with a total row: attempts in words, images and device time in readable units,
+    date ranges."""
     if cost.empty:
         return pd.DataFrame()
 
-    def trials_text(complete: int, pruned: int, failed: int) -> str:
-        parts = [f"{complete} complete"] + [f"{n} {what}" for n, what in ((pruned, "pruned"), (failed, "failed")) if n]
-        return ", ".join(parts)
+    def attempts(counts: dict[str, int], untimed: int) -> str:
+        parts = [f"{counts['complete']} complete"] + [f"{counts[k]} {k}" for k in COST_KINDS[1:] if counts[k]]
+        return ", ".join(parts) + (f" ({untimed} untimed: the process died)" if untimed else "")
+
+    def images(n: float) -> str:
+        return f"{n / 1e6:.1f} M" if n >= 1e6 else f"{int(n):,}"
+
+    def hours(h: float) -> str:
+        return f"{h:.1f} h" if h >= 1 else f"{h * 60:.1f} min"
 
     def dates(first: object, last: object) -> str:
         if _missing(first) or _missing(last):
             return DASH
         return str(first) if first == last else f"{first} to {last}"
 
-    rows = []
-    for _, r in cost.iterrows():
-        row = {"tier": f"{int(r[EPOCHS_PARAM])} ep"} if EPOCHS_PARAM in cost.columns else {}
-        rows.append(row | {
-            "device": r["device"], "precision": r["precision"],
-            "trials": trials_text(_count(r["complete"]), _count(r["pruned"]), _count(r["failed"])),
-            "images trained, millions": f"{r['images_trained'] / 1e6:.1f}", "train hours": f"{r['train_hours']:.1f}",
-            "median images/s": DASH if _missing(r["images_per_sec"]) else f"{r['images_per_sec']:,.0f}",
-            "dates": dates(r["first"], r["last"])})
+    def shown(r: pd.Series | dict, head: dict[str, str], speed: str) -> dict[str, str]:
+        return head | {
+            "attempts": attempts({k: _count(r[k]) for k in COST_KINDS}, _count(r["untimed"])),
+            "images trained": images(r["images_trained"]), "device time": hours(r["device_hours"]),
+            "median images/s": speed, "dates": dates(r["first"], r["last"])}
+
+    tiered = EPOCHS_PARAM in cost.columns
+    rows = [shown(r, ({"tier": f"{int(r[EPOCHS_PARAM])} ep"} if tiered else {}) | {
+        "device": r["device"], "precision": r["precision"], "hardware": r["hardware"], "torch": r["torch"]},
+        DASH if _missing(r["images_per_sec"]) else f"{r['images_per_sec']:,.0f}") for _, r in cost.iterrows()]
     if len(cost) > 1:
-        total = {"tier": "all"} if EPOCHS_PARAM in cost.columns else {}
-        rows.append(total | {
-            "device": "all", "precision": "all",
-            "trials": trials_text(*(int(cost[c].sum()) for c in ("complete", "pruned", "failed"))),
-            "images trained, millions": f"{cost['images_trained'].sum() / 1e6:.1f}",
-            "train hours": f"{cost['train_hours'].sum():.1f}", "median images/s": DASH,
-            "dates": dates(cost["first"].dropna().min(), cost["last"].dropna().max())})
+        every = {col: "; ".join(sorted({v for text in cost[col] for v in str(text).split("; ")})) for col in ("hardware", "torch")}
+        total = {k: cost[k].sum() for k in (*COST_KINDS, "untimed", "images_trained", "device_hours")}
+        total |= {"first": cost["first"].dropna().min(), "last": cost["last"].dropna().max()}
+        rows.append(shown(total, ({"tier": "all"} if tiered else {}) | {"device": "all", "precision": "all"} | every, DASH))
     return pd.DataFrame(rows)
 
 
@@ -400,6 +406,12 @@ def precision_counts(trials: pd.DataFrame) -> str:
     return ", ".join(f"{name} {n} trial{'s' if n != 1 else ''}" for name, n in sorted(counts.items())) or DASH
 
 
+def _recorded(values: pd.Series) -> str:
+    """The distinct values trials recorded ("a; b"), and whether some trials recorded none."""
+    known = sorted(set(values.dropna().astype(str)))
+    return "; ".join(known + ([NOT_RECORDED] if values.isna().any() else [])) or DASH
+
+
 def summary_items(study: optuna.Study, trials: pd.DataFrame, cells: dict[str, CellData] | None = None) -> list[tuple[str, str]]:
     attrs = study.user_attrs
     states = trials["state"].value_counts().to_dict()
@@ -409,6 +421,8 @@ def summary_items(study: optuna.Study, trials: pd.DataFrame, cells: dict[str, Ce
         ("dataset", str(attrs.get(StudyAttr.DATASET, "unknown"))),
         ("device", ", ".join(sorted(set(trials["device"].dropna().astype(str)))) or DASH),
         ("precision", precision_counts(trials)),
+        ("hardware", _recorded(trials["hardware"])),
+        ("torch", _recorded(trials["torch"])),
         ("trials by state", ", ".join(f"{k} {v}" for k, v in sorted(states.items())) or "none"),
         ("total train time", f"{trials['train_seconds'].fillna(0).sum() / 60:.1f} min (all trials, pruned and failed included)"),
         ("budget", budget_text(attrs)),
@@ -501,9 +515,12 @@ def render_html(study: optuna.Study, trials: pd.DataFrame, matrix: pd.DataFrame,
         parts.append("<h2>Cumulative path</h2>" + _table(shown[["step", "cell", "n", "n_diverged", "budget_epochs", "test acc % [95% CI]",
                                                               "change from the step before, points [95% paired CI]"]]))
     if cost is not None and not cost.empty:
-        parts.append("<h2>What it cost</h2>" + _table(cost_display(cost)) + "<p class='muted'>Images trained: epochs run x "
-                     "train images, an interrupted attempt's finished epochs included; train hours: every attempt's "
-                     "recorded time, evaluation included (cost.csv).</p>")
+        parts.append("<h2>What it cost</h2>" + _table(cost_display(cost)) + "<p class='muted'>Attempts: interrupted ones "
+                     "(stopped, or their process died) are run again, not outcomes; a designed study's diverged seeds are "
+                     "outcomes. Images trained: epochs run x train images, an interrupted attempt's finished epochs "
+                     "included. Device time: every attempt's recorded train seconds, evaluation included, a packed "
+                     "trial charged its share of the pack; an attempt whose process died recorded none (untimed). "
+                     "cost.csv has the numbers.</p>")
     parts.append("<h2>Plots</h2>")
     if not plots:
         parts.append(f"<p class='muted'>{NOTHING}: no completed trial yet.</p>")

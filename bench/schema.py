@@ -28,6 +28,8 @@ class Attr:
     FAIL_REASON = "fail_reason"
     CELL = "cell"  # designed-experiment cell (bench.matrix)
     WORKER = "worker"  # host:pid of the process that ran the trial
+    HARDWARE = "hardware"  # the GPU's name, or the CPU's model, threads and bf16 support (bench.hardware.hardware_name)
+    TORCH = "torch"  # torch's version
     PACK_SIZE = "pack_size"  # the slots of this trial's pack (1: alone); its share of the pack's time is 1 / pack_size
     PACK_SLOT = "pack_slot"  # this trial's place in its pack
     KEPT_EPOCH = "kept_epoch"  # the epoch whose weights were kept (early stopping restores the best)

@@ -12,6 +12,7 @@ from scipy import stats as sps
 
 from bench.analysis import (
     BASELINE_CELL,
+    COST_KINDS,
     cost_frame,
     matrix_frame,
     pareto_front_rows,
@@ -46,7 +47,8 @@ def row(matrix: pd.DataFrame, level: str, budget: int = 5, claim: str | None = N
 
 
 def add_trial(study, cfg=BASELINE, *, test_acc=0.5, state=TrialState.COMPLETE, cell=None, seconds=10.0, curve=None,
-              seed=None, images=FULL_IMAGES, stop_reason=None, fail_reason=None, precision=None, speed=None, epochs_run=2):
+              seed=None, images=FULL_IMAGES, stop_reason=None, fail_reason=None, precision=None, speed=None, epochs_run=2,
+              hardware=None, pack_size=None):
     params = params_for_config(cfg, SPACE)
     attrs = {Attr.TEST_ACC: test_acc, Attr.VAL_ACC: test_acc, Attr.TRAIN_SECONDS: seconds, Attr.EPOCHS_RUN: epochs_run,
              Attr.VAL_CURVE: curve or [test_acc - 0.1, test_acc], Attr.LOSS_CURVE: [2.0, 1.5], Attr.DEVICE: "cpu",
@@ -59,6 +61,11 @@ def add_trial(study, cfg=BASELINE, *, test_acc=0.5, state=TrialState.COMPLETE, c
         attrs[Attr.PRECISION] = precision
     if speed is not None:
         attrs[Attr.IMAGES_PER_SEC] = speed
+    if hardware is not None:
+        attrs[Attr.HARDWARE], attrs[Attr.TORCH] = hardware, "2.14.1"
+    if pack_size is not None:
+        attrs[Attr.PACK_SIZE] = pack_size
+    attrs = {k: v for k, v in attrs.items() if v is not None}  # seconds=None: a process that died recorded none
     if stop_reason:
         attrs[Attr.STOP_REASON] = stop_reason
     if fail_reason:
@@ -266,31 +273,65 @@ def test_trials_frame_has_every_parameter_and_metric():
 
 
 def test_cost_frame_counts_every_attempt_per_tier_and_precision(tmp_path):
-    """What the study cost, per budget tier, device and precision: an interrupted attempt's finished epochs and its
-    time count, a running trial does not, and the page, cost.csv and matrix.md show the same figures with a total."""
+    """What the study cost, per budget tier, device and precision: attempts by kind (a diverged seed, stored as PRUNED,
+    is not a pruned one; an interrupted or orphaned attempt is not a failure), the finished epochs of an attempt that
+    died (from its curve), each trial's share of its pack's time, no running trial; the page, cost.csv and matrix.md
+    show the same figures with a total."""
     study = designed_study()  # 15 complete 5-epoch trials, 2 epochs run each, 10 s, precision not recorded
-    add_cell(study, "20 epochs", BASELINE.replace(epochs=20), (0.60, 0.63), precision="fp32", seconds=1800.0,
-             epochs_run=20, speed=600.0)
-    add_trial(study, BASELINE.replace(epochs=20), cell="20 epochs", seed=2, precision="fp32", seconds=360.0,
-              epochs_run=4, speed=500.0, state=TrialState.FAIL, fail_reason="interrupted")
-    add_trial(study, BASELINE.replace(epochs=20), cell="20 epochs", seed=3, precision="fp32", state=TrialState.RUNNING)
+    twenty = BASELINE.replace(epochs=20)
+    add_cell(study, "20 epochs", twenty, (0.60, 0.63), precision="fp32", seconds=1800.0, epochs_run=20, speed=600.0,
+             hardware="AMD EPYC, 2 threads, no bf16")
+    add_trial(study, twenty, cell="20 epochs", seed=2, precision="fp32", seconds=360.0, epochs_run=4, speed=500.0,
+              state=TrialState.FAIL, fail_reason="interrupted")  # stopped mid-trial: no hardware recorded
+    add_trial(study, twenty, cell="20 epochs", seed=2, precision="fp32", seconds=None, epochs_run=None,
+              curve=[0.3, 0.4, 0.5], state=TrialState.FAIL)  # orphaned: its process died after 3 epochs
+    add_trial(study, twenty, cell="20 epochs", seed=3, precision="fp32", seconds=720.0, epochs_run=6, pack_size=2,
+              state=TrialState.PRUNED, stop_reason="diverged")
+    add_trial(study, twenty, cell="20 epochs", seed=4, precision="fp32", seconds=36.0, epochs_run=1,
+              state=TrialState.FAIL, stop_reason="failed", fail_reason="RuntimeError: boom")
+    add_trial(study, twenty, cell="20 epochs", seed=5, precision="fp32", state=TrialState.RUNNING)
     cost = cost_frame(trials_frame(study, SPACE))
-    assert cost[["epochs", "device", "precision", "complete", "failed"]].values.tolist() == [
-        [5, "cpu", "not recorded", 15, 0], [20, "cpu", "fp32", 2, 1]]
-    five, twenty = cost.iloc[0], cost.iloc[1]
-    assert five["images_trained"] == 15 * 2 * FULL_IMAGES and five["train_hours"] == round(150 / 3600, 3)
+    assert cost[["epochs", "device", "precision", *COST_KINDS, "untimed"]].values.tolist() == [
+        [5, "cpu", "not recorded", 15, 0, 0, 0, 0, 0], [20, "cpu", "fp32", 2, 0, 1, 1, 2, 1]]
+    five, tier20 = cost.iloc[0], cost.iloc[1]
+    assert five["images_trained"] == 15 * 2 * FULL_IMAGES and five["device_hours"] == round(150 / 3600, 3)
     assert math.isnan(five["images_per_sec"])  # none recorded: no speed invented
-    assert twenty["images_trained"] == (20 + 20 + 4) * FULL_IMAGES  # the failed attempt's 4 finished epochs count
-    assert twenty["train_hours"] == 1.1 and twenty["images_per_sec"] == 600.0  # the median of the complete trials only
+    assert tier20["images_trained"] == (20 + 20 + 4 + 3 + 6 + 1) * FULL_IMAGES  # every finished epoch of every attempt
+    assert tier20["device_hours"] == round((1800 * 2 + 360 + 720 / 2 + 36) / 3600, 3)  # the pack's time shared
+    assert tier20["images_per_sec"] == 600.0  # the median of the complete trials only
+    assert (five["hardware"], five["torch"]) == ("not recorded", "not recorded")
+    assert (tier20["hardware"], tier20["torch"]) == ("AMD EPYC, 2 threads, no bf16; not recorded", "2.14.1; not recorded")
+    summary = dict(summary_items(study, trials_frame(study, SPACE)))
+    assert (summary["hardware"], summary["torch"]) == ("AMD EPYC, 2 threads, no bf16; not recorded", "2.14.1; not recorded")
 
     write_report(study, tmp_path)
-    assert pd.read_csv(tmp_path / "cost.csv")[["complete", "failed", "images_trained"]].values.tolist() == [
-        [15, 0, 1_350_000], [2, 1, 1_980_000]]
-    total = [line for line in (tmp_path / "matrix.md").read_text().splitlines() if line.startswith("| all |")]
-    assert total == ["| all | all | all | 17 complete, 1 failed | 3.3 | 1.1 | — | " + (
-        f"{cost['first'].min()} to {cost['last'].max()} |" if cost["first"].min() != cost["last"].max()
-        else f"{cost['first'].min()} |")]
+    assert pd.read_csv(tmp_path / "cost.csv")[["complete", "interrupted", "images_trained"]].values.tolist() == [
+        [15, 0, 1_350_000], [2, 2, 2_430_000]]
+    md = (tmp_path / "matrix.md").read_text()
+    assert "| 20 ep | cpu | fp32 | AMD EPYC, 2 threads, no bf16; not recorded | 2.14.1; not recorded | 2 complete, " \
+           "1 diverged, 1 failed, 2 interrupted (1 untimed: the process died) | 2.4 M | 1.2 h | 600 |" in md
+    assert "| 5 ep | cpu | not recorded | not recorded | not recorded | 15 complete | 1.4 M | 2.5 min | — |" in md
+    [total] = [line for line in md.splitlines() if line.startswith("| all |")]
+    assert total.startswith("| all | all | all | AMD EPYC, 2 threads, no bf16; not recorded | 2.14.1; not recorded | "
+                            "17 complete, 1 diverged, 1 failed, 2 interrupted (1 untimed: the process died) | 3.8 M | 1.3 h | — | ")
     assert "<h2>What it cost</h2>" in (tmp_path / "index.html").read_text()
+
+
+def test_cost_rows_run_in_time_order_with_date_ranges():
+    from bench.report import cost_display
+
+    cost = pd.DataFrame({"device": ["cpu", "cuda"], "precision": ["fp32", "bf16"], "hardware": ["x", "NVIDIA H200"],
+                         "torch": ["2.14.1", "2.14.1"], "complete": [3, 4], "pruned": [1, 0], "diverged": [0, 0],
+                         "failed": [0, 0], "interrupted": [0, 0], "untimed": [0, 0], "images_trained": [999, 2_500_000],
+                         "device_hours": [0.5, 2.25], "images_per_sec": [math.nan, 41_234.5],
+                         "first": ["2026-11-29", "2026-11-30"], "last": ["2026-11-30", "2026-11-30"]})
+    shown = cost_display(cost)
+    assert shown["dates"].tolist() == ["2026-11-29 to 2026-11-30", "2026-11-30", "2026-11-29 to 2026-11-30"]
+    assert shown["attempts"].tolist() == ["3 complete, 1 pruned", "4 complete", "7 complete, 1 pruned"]
+    assert shown["images trained"].tolist() == ["999", "2.5 M", "2.5 M"]
+    assert shown["device time"].tolist() == ["30.0 min", "2.2 h", "2.8 h"]
+    assert shown["median images/s"].tolist() == ["—", "41,234", "—"]
+    assert shown.iloc[-1][["device", "hardware"]].tolist() == ["all", "NVIDIA H200; x"]
 
 
 def test_cost_of_a_search_is_per_device_and_precision_only():

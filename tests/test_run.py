@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from bench.errors import run_cli
-from bench.hardware import precision_name
+from bench.hardware import hardware_name, precision_name
 from bench.run import main
 from bench.schema import Attr
 from bench.space import BASELINE, build_space, config_from_params
@@ -36,6 +36,8 @@ def test_two_trial_study_end_to_end_then_resume(study_args, capsys):
         assert key in attrs
     assert attrs[Attr.STOP_REASON] == "completed"
     assert attrs[Attr.PRECISION] == precision_name("auto", torch.device("cpu"))
+    assert attrs[Attr.HARDWARE] == hardware_name(torch.device("cpu")) and attrs[Attr.TORCH] == torch.__version__
+    assert f", {torch.get_num_threads()} threads, " in attrs[Attr.HARDWARE]
     assert attrs[Attr.TRAIN_IMAGES] == 27 and attrs[Attr.NUM_CLASSES] == 3
     out = capsys.readouterr().out
     assert "0 finished trials; adding 2" in out

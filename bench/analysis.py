@@ -132,8 +132,10 @@ def cost_frame(trials: pd.DataFrame) -> pd.DataFrame:
     trained (epochs run x train images; an attempt whose process died recorded no epochs_run, so its validation curve
     counts its finished epochs), device hours (each attempt's recorded train seconds, evaluation included, a packed
     trial charged its share of the pack: seconds / pack size; an attempt whose process died recorded none and is
-    counted in `untimed`), the median speed of the complete trials, the dates, and the hardware and torch versions the
-    trials recorded. A study resumed on other machines shows each arithmetic on its own row; rows run in time order."""
+    counted in `untimed`; a config that could not be built failed before any training and costs nothing), the median
+    speed of the complete trials, the dates, and the hardware and torch versions the trials recorded. A study resumed
+    on other machines shows each arithmetic on its own row; rows run by tier, then by their first start. A heartbeat
+    retry that dies before its first epoch still carries the dead attempt's curve, so its epochs count twice."""
     keys = ["device", "precision"]
     frame = trials[trials["state"].isin(COST_STATES)].copy()
     if frame["cell"].notna().any():
@@ -145,7 +147,7 @@ def cost_frame(trials: pd.DataFrame) -> pd.DataFrame:
     for col in ("device", "precision", "hardware", "torch"):
         frame[col] = frame[col].where(frame[col].notna(), NOT_RECORDED)
     frame["kind"] = [cost_kind(*r) for r in zip(frame["state"], frame["stop_reason"], frame["fail_reason"], strict=True)]
-    curve_epochs = frame["val_curve"].map(len)
+    curve_epochs = frame["val_curve"].map(lambda curve: len(curve) if isinstance(curve, list) else 0)
     epochs_run = pd.to_numeric(frame["epochs_run"], errors="coerce").fillna(curve_epochs)
     frame["images_trained"] = (epochs_run * frame["train_images"].fillna(0)).astype("int64")
     frame["device_hours"] = member_seconds(frame).fillna(0) / 3600
@@ -156,7 +158,8 @@ def cost_frame(trials: pd.DataFrame) -> pd.DataFrame:
         rows.append(dict(zip(keys, key, strict=True)) | {
             "hardware": "; ".join(sorted(set(group["hardware"]))), "torch": "; ".join(sorted(set(group["torch"]))),
             **{kind: int(kinds.get(kind, 0)) for kind in COST_KINDS},
-            "untimed": int(group["train_seconds"].isna().sum()), "images_trained": int(group["images_trained"].sum()),
+            "untimed": int(((group["kind"] == "interrupted") & group["train_seconds"].isna()).sum()),
+            "images_trained": int(group["images_trained"].sum()),
             "device_hours": round(float(group["device_hours"].sum()), 3),
             "images_per_sec": round(float(speed.median()), 1) if len(speed) else math.nan,
             "first": min(group["datetime_start"].dropna(), default=pd.NaT),

@@ -56,10 +56,13 @@ def hardware_name(device: torch.device) -> str:
     --precision auto resolve per machine, and one study's pieces may run on several (the published matrix's did)."""
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
+    if device.type != "cpu":
+        return device.type
     model = platform.processor() or platform.machine() or "unknown CPU"
     with contextlib.suppress(OSError):  # Linux names the model here; platform.processor() often says only "x86_64"
-        with open("/proc/cpuinfo", encoding="utf-8") as info:
-            model = next((line.split(":", 1)[1].strip() for line in info if line.startswith("model name")), model)
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as info:
+            model = next((name for line in info if line.startswith("model name")
+                          if (name := line.split(":", 1)[-1].strip())), model)
     return f"{model}, {torch.get_num_threads()} threads, {'bf16' if cpu_supports_bf16() else 'no bf16'}"
 
 

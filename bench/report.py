@@ -324,7 +324,7 @@ def cost_display(cost: pd.DataFrame) -> pd.DataFrame:
 
     def attempts(counts: dict[str, int], untimed: int) -> str:
         parts = [f"{counts['complete']} complete"] + [f"{counts[k]} {k}" for k in COST_KINDS[1:] if counts[k]]
-        return ", ".join(parts) + (f" ({untimed} untimed: the process died)" if untimed else "")
+        return ", ".join(parts) + (f" ({untimed} untimed: the process died)" if untimed else "")  # interrupted ones
 
     def images(n: float) -> str:
         return f"{n / 1e6:.1f} M" if n >= 1e6 else f"{int(n):,}"
@@ -424,7 +424,8 @@ def summary_items(study: optuna.Study, trials: pd.DataFrame, cells: dict[str, Ce
         ("hardware", _recorded(trials["hardware"])),
         ("torch", _recorded(trials["torch"])),
         ("trials by state", ", ".join(f"{k} {v}" for k, v in sorted(states.items())) or "none"),
-        ("total train time", f"{trials['train_seconds'].fillna(0).sum() / 60:.1f} min (all trials, pruned and failed included)"),
+        ("total device time", f"{member_seconds(trials).fillna(0).sum() / 60:.1f} min (all trials, pruned and failed "
+                              "included; a packed trial charged its share of the pack)"),
         ("budget", budget_text(attrs)),
     ]
     if attrs.get(StudyAttr.VAL_IS_TEST) or attrs.get(StudyAttr.VAL_SPLIT) == 0:

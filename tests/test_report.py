@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import datetime
 import math
 import re
 
@@ -289,14 +290,16 @@ def test_cost_frame_counts_every_attempt_per_tier_and_precision(tmp_path):
               state=TrialState.PRUNED, stop_reason="diverged")
     add_trial(study, twenty, cell="20 epochs", seed=4, precision="fp32", seconds=36.0, epochs_run=1,
               state=TrialState.FAIL, stop_reason="failed", fail_reason="RuntimeError: boom")
+    add_trial(study, twenty, cell="20 epochs", seed=4, precision="fp32", seconds=None, epochs_run=None,
+              curve=[0.1], state=TrialState.FAIL, stop_reason="failed", fail_reason="ValueError: bad config")  # unbuilt
     add_trial(study, twenty, cell="20 epochs", seed=5, precision="fp32", state=TrialState.RUNNING)
     cost = cost_frame(trials_frame(study, SPACE))
     assert cost[["epochs", "device", "precision", *COST_KINDS, "untimed"]].values.tolist() == [
-        [5, "cpu", "not recorded", 15, 0, 0, 0, 0, 0], [20, "cpu", "fp32", 2, 0, 1, 1, 2, 1]]
+        [5, "cpu", "not recorded", 15, 0, 0, 0, 0, 0], [20, "cpu", "fp32", 2, 0, 1, 2, 2, 1]]
     five, tier20 = cost.iloc[0], cost.iloc[1]
     assert five["images_trained"] == 15 * 2 * FULL_IMAGES and five["device_hours"] == round(150 / 3600, 3)
     assert math.isnan(five["images_per_sec"])  # none recorded: no speed invented
-    assert tier20["images_trained"] == (20 + 20 + 4 + 3 + 6 + 1) * FULL_IMAGES  # every finished epoch of every attempt
+    assert tier20["images_trained"] == (20 + 20 + 4 + 3 + 6 + 1 + 1) * FULL_IMAGES  # every finished epoch of every attempt
     assert tier20["device_hours"] == round((1800 * 2 + 360 + 720 / 2 + 36) / 3600, 3)  # the pack's time shared
     assert tier20["images_per_sec"] == 600.0  # the median of the complete trials only
     assert (five["hardware"], five["torch"]) == ("not recorded", "not recorded")
@@ -306,18 +309,40 @@ def test_cost_frame_counts_every_attempt_per_tier_and_precision(tmp_path):
 
     write_report(study, tmp_path)
     assert pd.read_csv(tmp_path / "cost.csv")[["complete", "interrupted", "images_trained"]].values.tolist() == [
-        [15, 0, 1_350_000], [2, 2, 2_430_000]]
+        [15, 0, 1_350_000], [2, 2, 2_475_000]]
     md = (tmp_path / "matrix.md").read_text()
     assert "| 20 ep | cpu | fp32 | AMD EPYC, 2 threads, no bf16; not recorded | 2.14.1; not recorded | 2 complete, " \
-           "1 diverged, 1 failed, 2 interrupted (1 untimed: the process died) | 2.4 M | 1.2 h | 600 |" in md
+           "1 diverged, 2 failed, 2 interrupted (1 untimed: the process died) | 2.5 M | 1.2 h | 600 |" in md
     assert "| 5 ep | cpu | not recorded | not recorded | not recorded | 15 complete | 1.4 M | 2.5 min | — |" in md
     [total] = [line for line in md.splitlines() if line.startswith("| all |")]
     assert total.startswith("| all | all | all | AMD EPYC, 2 threads, no bf16; not recorded | 2.14.1; not recorded | "
-                            "17 complete, 1 diverged, 1 failed, 2 interrupted (1 untimed: the process died) | 3.8 M | 1.3 h | — | ")
+                            "17 complete, 1 diverged, 2 failed, 2 interrupted (1 untimed: the process died) | 3.8 M | 1.3 h | — | ")
     assert "<h2>What it cost</h2>" in (tmp_path / "index.html").read_text()
 
 
-def test_cost_rows_run_in_time_order_with_date_ranges():
+def test_cost_rows_run_by_tier_then_first_start():
+    """Within a tier, rows read in the order the machines ran them: not alphabetical, not by trial number."""
+    from optuna.trial import FrozenTrial
+
+    study = designed_study()  # its 5-epoch trials start now: the tier still comes first
+    cfg = BASELINE.replace(epochs=20)
+    params = params_for_config(cfg, SPACE)
+    for number, (precision, day) in enumerate((("fp32", 30), ("bf16", 29), (None, 28))):
+        attrs = {Attr.CELL: "20 epochs", Attr.SEED: number, Attr.TRAIN_SECONDS: 60.0, Attr.EPOCHS_RUN: 20,
+                 Attr.TRAIN_IMAGES: FULL_IMAGES, Attr.DEVICE: "cpu", Attr.VAL_CURVE: [0.5], Attr.LOSS_CURVE: [1.0]}
+        if precision:
+            attrs[Attr.PRECISION] = precision
+        study.add_trial(FrozenTrial(
+            number=0, trial_id=0, state=TrialState.COMPLETE, value=0.6, values=None, params=params,
+            distributions={k: DISTS[k] for k in params}, user_attrs=attrs, system_attrs={}, intermediate_values={},
+            datetime_start=datetime.datetime(2026, 11, day, 10), datetime_complete=datetime.datetime(2026, 11, day, 11)))
+    cost = cost_frame(trials_frame(study, SPACE))
+    assert cost[["epochs", "precision", "first"]].values.tolist() == [
+        [5, "not recorded", cost["first"].iloc[0]], [20, "not recorded", "2026-11-28"], [20, "bf16", "2026-11-29"],
+        [20, "fp32", "2026-11-30"]]
+
+
+def test_cost_rows_show_date_ranges_and_readable_units():
     from bench.report import cost_display
 
     cost = pd.DataFrame({"device": ["cpu", "cuda"], "precision": ["fp32", "bf16"], "hardware": ["x", "NVIDIA H200"],

@@ -356,8 +356,8 @@ def cost_display(cost: pd.DataFrame) -> pd.DataFrame:
 
 
 def markdown_tables(matrix: pd.DataFrame, cumulative: pd.DataFrame | None = None, cost: pd.DataFrame | None = None) -> str:
-    """The README's tables, from the frames as matrix.csv and cumulative.csv hold them (read back or fresh: the same
-    text), so the published page, its CSV and the README cannot drift apart."""
+    """The README's tables, from the frames as matrix.csv, cumulative.csv and cost.csv hold them (read back or fresh:
+    the same text), so the published page, its CSVs and the README cannot drift apart."""
     lines = ["| level | tier | vs | n | test acc % [95% CI] | diff, points [95% CI] | claim | verdict, or why none |",
              "|---|---|---|---|---|---|---|---|"]
     for _, r in matrix.iterrows():

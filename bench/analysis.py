@@ -110,6 +110,12 @@ def csv_frame(trials: pd.DataFrame) -> pd.DataFrame:
     return out
 
 
+def recorded_values(values: pd.Series) -> str:
+    """The distinct values trials recorded ("a; b"), then "not recorded" when some recorded none."""
+    known = sorted(set(values.dropna().astype(str)))
+    return "; ".join(known + ([NOT_RECORDED] if values.isna().any() else []))
+
+
 COST_STATES = ("COMPLETE", "PRUNED", "FAIL")  # a running or waiting trial has recorded no cost yet
 COST_KINDS = ("complete", "pruned", "diverged", "failed", "interrupted")
 
@@ -144,7 +150,7 @@ def cost_frame(trials: pd.DataFrame) -> pd.DataFrame:
                "first", "last"]
     if frame.empty:
         return pd.DataFrame(columns=columns)
-    for col in ("device", "precision", "hardware", "torch"):
+    for col in keys[-2:]:  # device and precision: group keys, and a missing key would drop its trials
         frame[col] = frame[col].where(frame[col].notna(), NOT_RECORDED)
     frame["kind"] = [cost_kind(*r) for r in zip(frame["state"], frame["stop_reason"], frame["fail_reason"], strict=True)]
     curve_epochs = frame["val_curve"].map(lambda curve: len(curve) if isinstance(curve, list) else 0)
@@ -156,7 +162,7 @@ def cost_frame(trials: pd.DataFrame) -> pd.DataFrame:
         kinds = group["kind"].value_counts()
         speed = group.loc[group["kind"] == "complete", "images_per_sec"].dropna()
         rows.append(dict(zip(keys, key, strict=True)) | {
-            "hardware": "; ".join(sorted(set(group["hardware"]))), "torch": "; ".join(sorted(set(group["torch"]))),
+            "hardware": recorded_values(group["hardware"]), "torch": recorded_values(group["torch"]),
             **{kind: int(kinds.get(kind, 0)) for kind in COST_KINDS},
             "untimed": int(((group["kind"] == "interrupted") & group["train_seconds"].isna()).sum()),
             "images_trained": int(group["images_trained"].sum()),

@@ -43,6 +43,7 @@ from bench.analysis import (  # noqa: E402
     member_seconds,
     param_importances,
     pareto_front_rows,
+    recorded_values,
     trials_frame,
 )
 from bench.compare_report import open_compare_storage, write_compare_report  # noqa: E402
@@ -406,12 +407,6 @@ def precision_counts(trials: pd.DataFrame) -> str:
     return ", ".join(f"{name} {n} trial{'s' if n != 1 else ''}" for name, n in sorted(counts.items())) or DASH
 
 
-def _recorded(values: pd.Series) -> str:
-    """The distinct values trials recorded ("a; b"), and whether some trials recorded none."""
-    known = sorted(set(values.dropna().astype(str)))
-    return "; ".join(known + ([NOT_RECORDED] if values.isna().any() else [])) or DASH
-
-
 def summary_items(study: optuna.Study, trials: pd.DataFrame, cells: dict[str, CellData] | None = None) -> list[tuple[str, str]]:
     attrs = study.user_attrs
     states = trials["state"].value_counts().to_dict()
@@ -421,8 +416,8 @@ def summary_items(study: optuna.Study, trials: pd.DataFrame, cells: dict[str, Ce
         ("dataset", str(attrs.get(StudyAttr.DATASET, "unknown"))),
         ("device", ", ".join(sorted(set(trials["device"].dropna().astype(str)))) or DASH),
         ("precision", precision_counts(trials)),
-        ("hardware", _recorded(trials["hardware"])),
-        ("torch", _recorded(trials["torch"])),
+        ("hardware", recorded_values(trials["hardware"]) or DASH),
+        ("torch", recorded_values(trials["torch"]) or DASH),
         ("trials by state", ", ".join(f"{k} {v}" for k, v in sorted(states.items())) or "none"),
         ("total device time", f"{member_seconds(trials).fillna(0).sum() / 60:.1f} min (all trials, pruned and failed "
                               "included; a packed trial charged its share of the pack)"),

@@ -116,7 +116,7 @@ def _epochs_left(trial: FrozenTrial) -> int:
 
 
 def _kill_worker_mid_trial_then_resume(workdir: Path, url: str, name: str, extra: list[str], wait_s: float) -> None:
-    # caught mid-way: the victim has reported an epoch and trains 2 or more to go (up to 15 epochs, 135 train images)
+    # caught mid-way: the victim has reported an epoch and has 2 or more epochs to go (up to 15 epochs, 135 train images)
     make_image_folder(workdir / "tiny", per_class=60, test_per_class=5, seed=1)
     args = ["--trials", "6", "--workers", "2", "--max-epochs", "15", "--no-baseline", "--study-name", name,
             "--storage", url, "--pruner", "none", *extra]

@@ -140,8 +140,7 @@ def cost_frame(trials: pd.DataFrame) -> pd.DataFrame:
     trial charged its share of the pack: seconds / pack size; an attempt whose process died recorded none and is
     counted in `untimed`; a config that could not be built failed before any training and costs nothing), the median
     speed of the complete trials, the dates, and the hardware and torch versions the trials recorded. A study resumed
-    on other machines shows each arithmetic on its own row; rows run by tier, then by their first start. A heartbeat
-    retry that dies before its first epoch still carries the dead attempt's curve, so its epochs count twice."""
+    on other machines shows each arithmetic on its own row; rows run by tier, then by their first start."""
     keys = ["device", "precision"]
     frame = trials[trials["state"].isin(COST_STATES)].copy()
     if frame["cell"].notna().any():

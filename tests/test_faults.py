@@ -206,3 +206,24 @@ def test_a_retried_trial_starts_with_fresh_curves(rgb_folder, cache_dir):
     a = study.trials[0].user_attrs
     assert len(a[Attr.VAL_CURVE]) == 2 and len(a[Attr.LOSS_CURVE]) == 2 and 9.0 not in a[Attr.LOSS_CURVE]
     assert a[Attr.KEPT_EPOCH] == 2 and study.trials[0].value == a[Attr.VAL_CURVE][-1]
+
+
+def test_a_retry_that_dies_before_its_first_epoch_shows_none_of_the_dead_attempts_epochs():
+    """The retry inherits the dead attempt's curves; from the moment it trains they are its own, so if it dies too the
+    report neither draws the dead attempt's curve for it nor counts those epochs again in what the study cost."""
+    from bench.analysis import cost_frame, trials_frame
+    from bench.objective import TrialTrainer
+    from bench.space import BASELINE, build_space, params_for_config
+    from bench.train import Member
+
+    space = build_space(3)
+    study = optuna.create_study(direction="maximize")
+    dead = {Attr.VAL_CURVE: [0.1, 0.2, 0.3], Attr.LOSS_CURVE: [9.0, 8.0, 7.0], Attr.TRAIN_IMAGES: 1000}
+    study.enqueue_trial(params_for_config(BASELINE.replace(epochs=3), space), user_attrs=dead)
+    trial = study.ask()
+    assert trial.user_attrs[Attr.VAL_CURVE] == [0.1, 0.2, 0.3]  # what Optuna's retry hands over
+    TrialTrainer.attach_reporting(trial, Member(None, BASELINE, 0))  # type: ignore[arg-type]
+    study.tell(trial, state=TrialState.FAIL)  # as the heartbeat fails a worker that died in its first epoch
+    frame = trials_frame(study, space)
+    assert frame.loc[0, "val_curve"] == [] and frame.loc[0, "loss_curve"] == []
+    assert cost_frame(frame)["images_trained"].tolist() == [0]

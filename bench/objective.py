@@ -81,11 +81,7 @@ class TrialTrainer:
     @staticmethod
     def attach_reporting(trial: optuna.Trial, member: Member) -> Member:
         """Each epoch: the curves onto the trial, the value to Optuna, and pruning (raised back into the loop)."""
-        # The curves live in the member's result, not the trial: a retried trial (heartbeat retry) inherits the
-        # dead attempt's user attributes, and appending to those would glue two runs together. They start empty, so a
-        # retry that dies before its first epoch does not show (and the cost table does not count) the dead one's.
-        for key in (Attr.LOSS_CURVE, Attr.VAL_CURVE):
-            trial.set_user_attr(key, [])
+        # The curves live in the member's result, not the trial: each epoch writes the whole curve of this attempt.
 
         def report_epoch(epoch: int, train_loss: float, val_acc: float) -> None:
             trial.set_user_attr(Attr.LOSS_CURVE, list(member.result.train_loss))

@@ -40,6 +40,8 @@ class Attr:
     EPOCH_SECONDS = "epoch_seconds"  # training seconds of every epoch (bench.record's trials)
     SAMPLER_SECONDS = "sampler_seconds"  # time Optuna took to ask this trial (sampling and the pruner's bookkeeping)
     REPLAYED_FROM = "replayed_from"  # the recorded config (its row in the table) that answered a replayed trial
+    # What a trial is beyond its parameters: a rerun of a dead attempt keeps these and none of its results
+    IDENTITY = (CELL, SEED)
 
 
 class StudyAttr:

@@ -3,6 +3,7 @@ existing study, and the trials a dead process left behind. No torch here: the re
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import os
@@ -74,11 +75,27 @@ def open_storage(url: str, *, heartbeat: bool = True, heartbeat_seconds: int = 3
         if heartbeat:
             # a killed worker's trial is failed after the grace period and re-run with its parameters
             kwargs = dict(heartbeat_interval=heartbeat_seconds, grace_period=3 * heartbeat_seconds,
-                          heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=2))
+                          heartbeat_stale_trial_callback=RetryDeadTrial(max_retry=2))
         return _create_rdb(url, kwargs)
     except Exception as exc:
         message = redact(str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
         raise UsageError(f"cannot open storage {shown}: {message}; check the URL, the server and the credentials") from None
+
+
+def identity(trial: FrozenTrial) -> dict[str, Any]:
+    """What a rerun of `trial` keeps of its user attributes: its cell and seed, none of the dead attempt's results."""
+    return {k: v for k, v in trial.user_attrs.items() if k in Attr.IDENTITY}
+
+
+class RetryDeadTrial(optuna.storages.RetryHeartbeatStaleTrialCallback):
+    """Optuna's heartbeat retry, but the retry inherits only the trial's identity: Optuna's copies every user
+    attribute, so a retry that died before its first epoch still showed the dead attempt's curve, epochs and seconds,
+    and the report counted that work twice."""
+
+    def __call__(self, study: optuna.Study, trial: FrozenTrial) -> None:
+        trial = copy.copy(trial)
+        trial.user_attrs = identity(trial)
+        super().__call__(study, trial)
 
 
 # Two processes opening one new database race in Optuna's schema creation ("table ... already exists",
@@ -189,8 +206,7 @@ def requeue_stopped(study: optuna.Study, limit: int | None = None) -> list[int]:
     a trial budget; the others wait for a later run with room). Returns the numbers of the trials requeued."""
     again = stopped_without_rerun(study)[:limit]
     for t in again:
-        keep = {k: v for k, v in t.user_attrs.items() if k in (Attr.CELL, Attr.SEED)}
-        study.enqueue_trial(t.params, user_attrs=keep | {Attr.RETRY_OF: t.number})
+        study.enqueue_trial(t.params, user_attrs=identity(t) | {Attr.RETRY_OF: t.number})
     if again:
         print(f"{study.study_name}: trials {[t.number for t in again]} were interrupted or orphaned; queued their "
               "parameters again")

@@ -208,22 +208,28 @@ def test_a_retried_trial_starts_with_fresh_curves(rgb_folder, cache_dir):
     assert a[Attr.KEPT_EPOCH] == 2 and study.trials[0].value == a[Attr.VAL_CURVE][-1]
 
 
-def test_a_retry_that_dies_before_its_first_epoch_shows_none_of_the_dead_attempts_epochs():
-    """The retry inherits the dead attempt's curves; from the moment it trains they are its own, so if it dies too the
-    report neither draws the dead attempt's curve for it nor counts those epochs again in what the study cost."""
+
+def test_a_heartbeat_retry_keeps_the_trials_identity_and_none_of_the_dead_attempts_results():
+    """Optuna's retry copies every user attribute; bench's keeps the cell and seed, so a retry that dies before its first
+    epoch neither shows the dead attempt's curve nor counts its epochs and seconds again in what the study cost, and
+    one that completes carries no stale test accuracy."""
     from bench.analysis import cost_frame, trials_frame
-    from bench.objective import TrialTrainer
     from bench.space import BASELINE, build_space, params_for_config
-    from bench.train import Member
+    from bench.storage import RetryDeadTrial
 
     space = build_space(3)
     study = optuna.create_study(direction="maximize")
-    dead = {Attr.VAL_CURVE: [0.1, 0.2, 0.3], Attr.LOSS_CURVE: [9.0, 8.0, 7.0], Attr.TRAIN_IMAGES: 1000}
+    dead = {Attr.CELL: "baseline", Attr.SEED: 7, Attr.VAL_CURVE: [0.1, 0.2, 0.3], Attr.LOSS_CURVE: [9.0, 8.0, 7.0],
+            Attr.EPOCHS_RUN: 3, Attr.TRAIN_SECONDS: 36.0, Attr.TEST_ACC: 0.3, Attr.STOP_REASON: "completed",
+            Attr.TRAIN_IMAGES: 1000}  # killed while its result was being stored
     study.enqueue_trial(params_for_config(BASELINE.replace(epochs=3), space), user_attrs=dead)
-    trial = study.ask()
-    assert trial.user_attrs[Attr.VAL_CURVE] == [0.1, 0.2, 0.3]  # what Optuna's retry hands over
-    TrialTrainer.attach_reporting(trial, Member(None, BASELINE, 0))  # type: ignore[arg-type]
-    study.tell(trial, state=TrialState.FAIL)  # as the heartbeat fails a worker that died in its first epoch
+    study.tell(study.ask(), state=TrialState.FAIL)  # as the heartbeat fails it
+    RetryDeadTrial(max_retry=2)(study, study.trials[0])
+    retry = study.trials[1]
+    assert retry.state == TrialState.WAITING and retry.params == study.trials[0].params
+    assert retry.user_attrs == {Attr.CELL: "baseline", Attr.SEED: 7} and retry.system_attrs["failed_trial"] == 0
+    study.tell(study.ask(), state=TrialState.FAIL)  # the retry's worker dies before its first epoch
     frame = trials_frame(study, space)
-    assert frame.loc[0, "val_curve"] == [] and frame.loc[0, "loss_curve"] == []
-    assert cost_frame(frame)["images_trained"].tolist() == [0]
+    assert frame["val_curve"].tolist() == [[0.1, 0.2, 0.3], []] and frame["test_acc"].isna().tolist() == [False, True]
+    cost = cost_frame(frame)
+    assert cost["images_trained"].tolist() == [3 * 1000] and cost["device_hours"].tolist() == [0.01]

@@ -35,7 +35,8 @@ class Attr:
     KEPT_EPOCH = "kept_epoch"  # the epoch whose weights were kept (early stopping restores the best)
     TRAIN_IMAGES = "train_images"  # the budget: images per epoch
     NUM_CLASSES = "num_classes"  # chance accuracy is 1 / num_classes
-    RETRY_OF = "retry_of"  # the trial a requeued one repeats (its process died while it ran)
+    RETRY_OF = "retry_of"  # the trial a requeued one repeats (its process died while it ran); a heartbeat retry
+    # keeps only IDENTITY: its chain is in Optuna's retry_history
     TEST_CURVE = "test_acc_curve"  # test accuracy after every epoch (bench.record's trials; others keep the final one)
     EPOCH_SECONDS = "epoch_seconds"  # training seconds of every epoch (bench.record's trials)
     SAMPLER_SECONDS = "sampler_seconds"  # time Optuna took to ask this trial (sampling and the pruner's bookkeeping)

@@ -90,7 +90,10 @@ def identity(trial: FrozenTrial) -> dict[str, Any]:
 class RetryDeadTrial(optuna.storages.RetryHeartbeatStaleTrialCallback):
     """Optuna's heartbeat retry, but the retry inherits only the trial's identity: Optuna's copies every user
     attribute, so a retry that died before its first epoch still showed the dead attempt's curve, epochs and seconds,
-    and the report counted that work twice."""
+    and the report counted that work twice. Nor does it inherit the dead attempt's reported values."""
+
+    def __init__(self, max_retry: int | None = None) -> None:
+        super().__init__(max_retry=max_retry, inherit_intermediate_values=False)
 
     def __call__(self, study: optuna.Study, trial: FrozenTrial) -> None:
         trial = copy.copy(trial)
@@ -194,9 +197,11 @@ def fail_orphans(study: optuna.Study, reason: str) -> list[int]:
 
 def stopped_without_rerun(study: optuna.Study) -> list[FrozenTrial]:
     """Trials stopped from outside (interrupted or orphaned) whose rerun is not queued: neither by requeue_stopped
-    (user attribute retry_of) nor by Optuna's heartbeat callback (system attribute failed_trial)."""
+    (user attribute retry_of) nor by Optuna's heartbeat callback (system attribute retry_history: every attempt of
+    the chain a retry continues; failed_trial names only the chain's first)."""
     trials = study.get_trials(deepcopy=False)
-    retried = {t.user_attrs.get(Attr.RETRY_OF) for t in trials} | {t.system_attrs.get("failed_trial") for t in trials}
+    retried = {t.user_attrs.get(Attr.RETRY_OF) for t in trials}
+    retried |= {n for t in trials for n in t.system_attrs.get("retry_history", [])}
     return [t for t in trials if t.number not in retried and trial_stopped_from_outside(t)]
 
 

@@ -132,7 +132,7 @@ def test_a_spent_budget_still_reruns_what_was_stopped_from_outside_once(tmp_path
     from optuna.trial import TrialState, create_trial
 
     from bench.compare import settled
-    from bench.storage import requeue_stopped
+    from bench.storage import RetryDeadTrial, requeue_stopped
 
     study = optuna.create_study(storage=f"sqlite:///{tmp_path / 's.db'}", direction="maximize")
 
@@ -154,10 +154,13 @@ def test_a_spent_budget_still_reruns_what_was_stopped_from_outside_once(tmp_path
     study.tell(study.ask(), 0.6)  # the rerun ran
     assert settled(study, 6)
     add(TrialState.FAIL, 0, 0.5)  # an orphan: failed with no reason
-    retry = study.enqueue_trial({"x": 0.5})  # as Optuna's heartbeat callback retries it
-    waiting_id = study.get_trials(states=(TrialState.WAITING,))[0]._trial_id
-    study._storage.set_trial_system_attr(waiting_id, "failed_trial", study.trials[-2].number)
-    assert retry is None and requeue_stopped(study) == []  # already retried: not queued twice
+    RetryDeadTrial(max_retry=2)(study, study.trials[-1])  # the heartbeat retries it
+    assert requeue_stopped(study) == []  # already retried: not queued twice
+    study.tell(study.ask(), state=TrialState.FAIL)  # the retry's worker dies too
+    RetryDeadTrial(max_retry=2)(study, study.trials[-1])  # the second retry: Optuna's failed_trial names the first
+    study.tell(study.ask(), 0.7)
+    assert [t.state for t in study.trials[-3:]] == [TrialState.FAIL, TrialState.FAIL, TrialState.COMPLETE]
+    assert requeue_stopped(study) == [] and settled(study, 6)  # every attempt of the chain has its rerun
 
 
 def test_reruns_of_stopped_trials_stay_within_the_places_left(tmp_path):

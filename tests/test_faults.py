@@ -200,7 +200,8 @@ def test_a_retried_trial_starts_with_fresh_curves(rgb_folder, cache_dir):
     from bench.space import BASELINE, build_space, params_for_config
 
     study = optuna.create_study(direction="maximize")
-    dead = {Attr.VAL_CURVE: [0.1, 0.2, 0.3], Attr.LOSS_CURVE: [9.0, 8.0, 7.0], "retry_of": 0}  # what a retry inherits
+    # a queued trial's stored curves (no retry path copies them now) must not leak into its own
+    dead = {Attr.VAL_CURVE: [0.1, 0.2, 0.3], Attr.LOSS_CURVE: [9.0, 8.0, 7.0], Attr.RETRY_OF: 0}
     study.enqueue_trial(params_for_config(BASELINE.replace(epochs=2, batch_size=64), build_space(3)), user_attrs=dead)
     run_packs(study, _trainer(rgb_folder, cache_dir), 1)
     a = study.trials[0].user_attrs
@@ -208,25 +209,27 @@ def test_a_retried_trial_starts_with_fresh_curves(rgb_folder, cache_dir):
     assert a[Attr.KEPT_EPOCH] == 2 and study.trials[0].value == a[Attr.VAL_CURVE][-1]
 
 
-
-def test_a_heartbeat_retry_keeps_the_trials_identity_and_none_of_the_dead_attempts_results():
+def test_a_heartbeat_retry_keeps_the_trials_identity_and_none_of_the_dead_attempts_results(tmp_path):
     """Optuna's retry copies every user attribute; bench's keeps the cell and seed, so a retry that dies before its first
     epoch neither shows the dead attempt's curve nor counts its epochs and seconds again in what the study cost, and
     one that completes carries no stale test accuracy."""
     from bench.analysis import cost_frame, trials_frame
-    from bench.space import BASELINE, build_space, params_for_config
-    from bench.storage import RetryDeadTrial
+    from bench.space import BASELINE, build_space, params_for_config, suggest
+    from bench.storage import RetryDeadTrial, open_storage
 
+    assert isinstance(open_storage(f"sqlite:///{tmp_path / 'h.db'}").get_heartbeat_stale_trial_callback(), RetryDeadTrial)
     space = build_space(3)
     study = optuna.create_study(direction="maximize")
     dead = {Attr.CELL: "baseline", Attr.SEED: 7, Attr.VAL_CURVE: [0.1, 0.2, 0.3], Attr.LOSS_CURVE: [9.0, 8.0, 7.0],
             Attr.EPOCHS_RUN: 3, Attr.TRAIN_SECONDS: 36.0, Attr.TEST_ACC: 0.3, Attr.STOP_REASON: "completed",
             Attr.TRAIN_IMAGES: 1000}  # killed while its result was being stored
     study.enqueue_trial(params_for_config(BASELINE.replace(epochs=3), space), user_attrs=dead)
-    study.tell(study.ask(), state=TrialState.FAIL)  # as the heartbeat fails it
+    trial = study.ask()
+    suggest(trial, space)
+    study.tell(trial, state=TrialState.FAIL)  # as the heartbeat fails it
     RetryDeadTrial(max_retry=2)(study, study.trials[0])
     retry = study.trials[1]
-    assert retry.state == TrialState.WAITING and retry.params == study.trials[0].params
+    assert retry.state == TrialState.WAITING and retry.params == study.trials[0].params and len(retry.params) > 5
     assert retry.user_attrs == {Attr.CELL: "baseline", Attr.SEED: 7} and retry.system_attrs["failed_trial"] == 0
     study.tell(study.ask(), state=TrialState.FAIL)  # the retry's worker dies before its first epoch
     frame = trials_frame(study, space)

@@ -143,7 +143,7 @@ def _kill_worker_mid_trial_then_resume(workdir: Path, url: str, name: str, extra
     assert dead.state == TrialState.FAIL
     retries = [t for t in after.trials if t.params == dead.params and t.number != dead.number]
     assert retries and retries[0].state in (TrialState.COMPLETE, TrialState.PRUNED)
-    assert retries[0].user_attrs[Attr.SEED] == dead.user_attrs[Attr.SEED]  # the same trial again, its own curve only
+    assert retries[0].user_attrs[Attr.SEED] == dead.user_attrs[Attr.SEED]  # the same trial again, with its seed
     assert len(retries[0].user_attrs[Attr.VAL_CURVE]) == retries[0].user_attrs[Attr.EPOCHS_RUN]
     for t in after.trials:
         if t.number in intact:

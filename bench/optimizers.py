@@ -94,7 +94,7 @@ def _adam(opt: Members, p: torch.Tensor, g: torch.Tensor, state: dict, shape: tu
     m, v = state["exp_avg"], state["exp_avg_sq"]
     m.lerp_(g, 1 - b1)
     v.mul_(b2).addcmul_(g, g, value=1 - b2)
-    if len(set(opt.steps)) == 1:  # every member at the same step (no member joined later): Python numbers
+    if len(set(opt.steps)) == 1 and not opt.static:  # every member at the same step (none joined later): numbers
         t = opt.steps[0]
         bias1: Number = 1 - b1**t
         denom = v.sqrt().div_((1 - b2**t) ** 0.5).add_(ADAM_EPS)
@@ -185,9 +185,14 @@ class Members:
     """A pack's members as an update family reads them: per-member hyperparameters, the Python-side facts that let an
     update skip terms no member uses (so it never reads a tensor back: no device sync), and each member's own step
     count (Adam's bias correction: a member that joined later, by backfill, is at its own step t; `steps` on the host
-    decides the path, `steps_tensor` counts on the device)."""
+    decides the path, `steps_tensor` counts on the device).
 
-    def __init__(self, configs: Sequence[TrainConfig], steps: Sequence[int], device: torch.device):
+    `static`: every quantity that changes between steps (the lrs, Adam's step count) is read from a device tensor
+    that keeps its storage, never baked in as a Python number, so one captured CUDA graph of the step stays right
+    for every later step (bench.train replays it)."""
+
+    def __init__(self, configs: Sequence[TrainConfig], steps: Sequence[int], device: torch.device,
+                 static: bool = False):
         kinds = [optimizer_kind(c.optimizer) for c in configs]
         flags = lambda values: torch.tensor(values, device=device)  # noqa: E731
         self.configs, self.steps, self.device = list(configs), list(steps), device
@@ -202,14 +207,25 @@ class Members:
         self.any_nesterov = any(nesterov)
         self.all_decoupled, self.any_decoupled = all(decoupled), any(decoupled)
         self.steps_tensor = torch.tensor(self.steps, dtype=torch.float32, device=device)
+        self.static = static
+        self.lr_buffer = torch.zeros(len(self.configs), dtype=torch.float32, device=device) if static else None
         self.set_lr([c.lr for c in configs])
 
     def set_lr(self, lrs: Sequence[float], on_device: torch.Tensor | None = None) -> None:
-        self.lr = PerMember.of(lrs, self.device, on_device, always_tensor=False)
+        if self.lr_buffer is None:
+            self.lr = PerMember.of(lrs, self.device, on_device, always_tensor=False)
+            return
+        # copied into the one buffer a captured step reads (a row of the epoch's lr table: a device-to-device copy)
+        self.lr_buffer.copy_(on_device if on_device is not None else torch.tensor(lrs, dtype=torch.float32))
+        self.lr = PerMember(list(lrs), None, self.lr_buffer)
 
     def count_step(self) -> None:
-        self.steps = [t + 1 for t in self.steps]
+        self.count_host_step()
         self.steps_tensor.add_(1)
+
+    def count_host_step(self) -> None:
+        """The host's count only: a replayed CUDA graph has already advanced `steps_tensor` on the device."""
+        self.steps = [t + 1 for t in self.steps]
 
     def update(self, pv: torch.Tensor, g: torch.Tensor, state: dict) -> None:
         """One step of parameter view `pv` [k, rows, ...] with gradient `g`, in place."""
@@ -230,17 +246,19 @@ class PackedOptimizer(torch.optim.Optimizer):
     """One optimizer for K members; hyperparameters are per member (lr is set by each member's schedule). On CPU a pack
     updates each member as a pack of one, on its own slice (bench.hardware.pack_runs_per_member): the vectorised
     update with per-member tensors rounds differently from the same update with Python numbers (addcmul against
-    add with alpha)."""
+    add with alpha). `static` (Members): the update a captured CUDA graph replays (bench.train, on CUDA)."""
 
-    def __init__(self, params: Iterable[torch.nn.Parameter], configs: Sequence[TrainConfig], device: torch.device):
+    def __init__(self, params: Iterable[torch.nn.Parameter], configs: Sequence[TrainConfig], device: torch.device,
+                 static: bool = False):
         super().__init__(list(params), {})
         for c in configs:
             optimizer_kind(c.optimizer)  # an unknown kind raises here, not at the first step
         self.device = device
+        self.static = static
         self._build(configs, [0] * len(configs), [c.lr for c in configs])
 
     def _build(self, configs: Sequence[TrainConfig], steps: Sequence[int], lrs: Sequence[float]) -> None:
-        self.pack = Members(configs, steps, self.device)
+        self.pack = Members(configs, steps, self.device, static=self.static)
         alone = len(configs) > 1 and pack_runs_per_member(self.device)
         self.alone = [Members([c], [t], self.device) for c, t in zip(configs, steps, strict=True)] if alone else None
         self.set_lr(lrs)
@@ -267,6 +285,11 @@ class PackedOptimizer(torch.optim.Optimizer):
         self.pack.set_lr(lrs, on_device)
         for member, lr in zip(self.alone or (), lrs, strict=False):
             member.set_lr([lr])
+
+    def count_host_step(self) -> None:
+        """A replayed CUDA graph of the step ran: advance the host's step counts to match the device's."""
+        for members in (self.pack, *(self.alone or ())):
+            members.count_host_step()
 
     @torch.no_grad()
     def step(self, closure=None):  # noqa: ANN001 - torch's signature
@@ -323,9 +346,10 @@ class PackedOptimizer(torch.optim.Optimizer):
 
 
 def create_optimizer(params: Iterable[torch.nn.Parameter], configs: Sequence[TrainConfig],
-                     device: torch.device) -> PackedOptimizer:
-    """The optimizer of a pack of members with `configs` (a solo trial: a pack of one)."""
-    return PackedOptimizer(params, configs, device)
+                     device: torch.device, static: bool = False) -> PackedOptimizer:
+    """The optimizer of a pack of members with `configs` (a solo trial: a pack of one); `static` for a step that is
+    captured as a CUDA graph and replayed."""
+    return PackedOptimizer(params, configs, device, static)
 
 
 def _shared(values: Sequence[float]) -> float | None:

@@ -115,6 +115,8 @@ class PackResult:
     member_images_per_sec: float  # summed over the pack's members: training images per second of training time
     wall_seconds: float
     mean_test_acc: float
+    graph_share: float | None = None  # CUDA: the steps replayed from a captured graph (bench.train._step)
+    graph_failure: str = ""
 
 
 def run_pack(dataset: Dataset, cfg: TrainConfig, members: int, *, device: torch.device, precision: str,
@@ -125,22 +127,28 @@ def run_pack(dataset: Dataset, cfg: TrainConfig, members: int, *, device: torch.
     pack = [Member(build_seeded_model(cfg, seed, dataset), cfg, seed) for seed in range(members)]
     started = time.perf_counter()
     with fused_packs_on_cpu() if fused else contextlib.nullcontext():
-        fit_pack(pack, splits, device=device, precision=precision, progress=progress, log=lambda _: None,
-                 deterministic=deterministic)
+        record = fit_pack(pack, splits, device=device, precision=precision, progress=progress, log=lambda _: None,
+                          deterministic=deterministic)
     wall = time.perf_counter() - started
     kernels = "solo" if members == 1 else "per member" if not fused and pack_runs_per_member(device) else "fused"
+    steps = record.graph_steps + record.eager_steps
+    graph_share = record.graph_steps / steps if device.type == "cuda" and steps else None
     return PackResult(members, deterministic, kernels, sum(m.result.images_per_sec for m in pack), wall,
-                      statistics.fmean(m.result.test_acc for m in pack))
+                      statistics.fmean(m.result.test_acc for m in pack), graph_share,
+                      record.graph_failures[0] if record.graph_failures else "")
 
 
 def pack_lines(results: list[PackResult]) -> list[str]:
     base = next((r for r in results if r.members == 1 and not r.deterministic), results[0])
     lines = [f"{'pack K':>6} {'kernels':>10} {'determ.':>7} {'member img/s':>13} {'vs K=1':>7} {'wall s':>7} "
-             f"{'mean test acc':>13}"]
+             f"{'mean test acc':>13} {'graph steps':>11}"]
     for r in results:
+        graphs = "-" if r.graph_share is None else f"{r.graph_share:.0%}"
         lines.append(f"{r.members:>6} {r.kernels:>10} {'yes' if r.deterministic else 'no':>7} "
                      f"{r.member_images_per_sec:>13,.0f} {r.member_images_per_sec / base.member_images_per_sec:>6.2f}x "
-                     f"{r.wall_seconds:>7.1f} {r.mean_test_acc:>13.4f}")
+                     f"{r.wall_seconds:>7.1f} {r.mean_test_acc:>13.4f} {graphs:>11}")
+    lines += [f"K={r.members}: CUDA graph capture failed, the step ran eager: {r.graph_failure}"
+              for r in results if r.graph_failure]
     fast = [r for r in results if not r.deterministic]
     best = max(fast, key=lambda r: r.member_images_per_sec)
     lines.append(f"best K={best.members} ({best.kernels}): {best.member_images_per_sec:,.0f} member-images/s, "

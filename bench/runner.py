@@ -63,6 +63,9 @@ class PackStats:
     signatures: set[tuple] = dataclasses.field(default_factory=set)
     drained: int = 0
     trials: int = 0
+    graph_steps: int = 0
+    eager_steps: int = 0
+    graph_failures: list[str] = dataclasses.field(default_factory=list)
 
     def add(self, log: PackLog) -> None:
         self.members += log.members
@@ -70,6 +73,9 @@ class PackStats:
         self.slots += [log.capacity] * len(log.members)
         self.signatures |= log.signatures
         self.drained += _drained(log.members, log.capacity)
+        self.graph_steps += log.graph_steps
+        self.eager_steps += log.eager_steps
+        self.graph_failures += log.graph_failures
 
     @property
     def occupancy(self) -> float:
@@ -86,9 +92,14 @@ class PackStats:
         return sum(self.members) / max(1, sum(self.launches))
 
     def summary(self) -> str:
+        graphs = ""
+        if self.graph_steps or self.graph_failures:  # CUDA: how much of the training ran as replayed graphs
+            share = self.graph_steps / max(1, self.graph_steps + self.eager_steps)
+            failed = f" ({len(self.graph_failures)} failed captures: {self.graph_failures[0]})" if self.graph_failures else ""
+            graphs = f", {share:.0%} of steps replayed as CUDA graphs{failed}"
         return (f"pack occupancy {self.occupancy:.0%} while trials remained to ask ({self.overall_occupancy:.0%} with the "
                 f"final drain), {len(self.signatures)} distinct shapes, {self.members_per_launch:.1f} members per launch, "
-                f"{self.trials} trials")
+                f"{self.trials} trials{graphs}")
 
 
 def default_per_shape(trials: int, pack: int) -> int:

@@ -23,11 +23,11 @@ from tqdm.auto import tqdm
 from bench.augment import AugmentConfig, BatchAugment
 from bench.data import Split, Splits
 from bench.errors import UsageError
-from bench.hardware import autocast, configure_determinism, resolve_precision
+from bench.hardware import autocast, configure_determinism, is_out_of_memory, resolve_precision
 from bench.losses import create_loss
 from bench.models import ConvNet
 from bench.optimizers import clip_grad_norm_per_member, create_optimizer
-from bench.packed import compact, grow, pack_models, shape_signature, unpack_member
+from bench.packed import PackedDropout, compact, grow, pack_models, shape_signature, unpack_member
 from bench.schedules import Schedule, member_schedule
 from bench.space import TrainConfig
 
@@ -35,6 +35,9 @@ EVAL_BATCH = 1024
 PACK_EVAL_BATCH = 256  # images per evaluation step in a pack of any size (each replicated K times)
 DROPOUT_STREAM = 7_919  # a member's dropout masks come from seed + this: a stream of its own
 CHECK_EVERY = 20  # batches between loss reads: reading syncs the GPU
+# Eager steps of a sub-pack's current shape before its step is captured as a CUDA graph: cuDNN's benchmark mode tunes
+# each new input shape on its first step (tuning cannot run inside a capture) and the optimizer creates its state.
+GRAPH_WARMUP = 2
 
 
 class Diverged(RuntimeError):
@@ -176,6 +179,8 @@ class _Context:
     compile_model: bool
     packed_run: bool
     deterministic: bool = False
+    graphs: bool = False  # replay each sub-pack's full-batch step as a CUDA graph (see _step)
+    record: PackLog | None = None  # where the steps are counted (graph replays, eager steps, failed captures)
 
 
 @dataclass
@@ -186,19 +191,23 @@ class PackLog:
     members: list[int] = field(default_factory=list)
     launches: list[int] = field(default_factory=list)
     signatures: set[tuple] = field(default_factory=set)
+    graph_steps: int = 0  # steps replayed from a captured CUDA graph
+    eager_steps: int = 0
+    graph_failures: list[str] = field(default_factory=list)  # why a capture failed (that sub-pack then ran eager)
 
 
 def fit_pack(members: Sequence[Member], splits: Splits, *, device: torch.device, precision: str = "auto",
              progress: bool = True, log: Callable[[str], None] = tqdm.write, compile_model: bool = False,
              deterministic: bool = False, capacity: int | None = None, refill: Refill | None = None,
-             on_leave: Callable[[Member], None] | None = None) -> PackLog:
+             on_leave: Callable[[Member], None] | None = None, cuda_graphs: bool = True) -> PackLog:
     """Train `members` together in `capacity` slots (default: as many as members). Members that share a shape
     signature train as one packed network (a sub-pack); each sub-pack runs its epoch in turn, so a pack may mix
     shapes. A member leaves when it finishes, stops early, diverges or its callback raises (recorded in
     `member.error`), and `on_leave(member)` is called at once; the others go on unchanged. At each epoch boundary
     free slots are offered to `refill`, and the members it returns join a sub-pack of their shape (or start one)
     at their own epoch 1. Every member's result is filled in place, also when KeyboardInterrupt or out-of-memory
-    ends the whole pack (re-raised)."""
+    ends the whole pack (re-raised). On CUDA each sub-pack's full-batch step is captured once as a CUDA graph and
+    replayed (`cuda_graphs=False`: every step eager)."""
     members = list(members)
     capacity = max(capacity or len(members), len(members))
     dtype = resolve_precision(precision, device)
@@ -215,10 +224,14 @@ def fit_pack(members: Sequence[Member], splits: Splits, *, device: torch.device,
         compile_model = False
     configure_determinism(device, deterministic)
     train, val = _place(splits.train, device, log), _place(splits.val, device, log)
+    # graphs need the data on the device (a host-to-device copy cannot be captured) and no loss scaler (fp16 solo:
+    # its overflow check reads the device every step)
+    graphs = (cuda_graphs and device.type == "cuda" and train.images.device.type == "cuda" and not compile_model
+              and dtype != torch.float16)
+    record = PackLog(capacity)
     ctx = _Context(train, val, val if splits.val_is_test else _place(splits.test, device, log),
                    BatchAugment(AugmentConfig(), splits.dataset.mean, splits.dataset.std, device), splits, device,
-                   dtype, progress, log, compile_model, capacity > 1, deterministic)
-    record = PackLog(capacity)
+                   dtype, progress, log, compile_model, capacity > 1, deterministic, graphs, record)
     packs: dict[tuple, _PackState] = {}
 
     def admit(joining: Sequence[Member]) -> None:
@@ -297,9 +310,17 @@ class _PackState:
 
     def __init__(self, slots: list[_Slot], ctx: _Context):
         self.slots, self.device, self.deterministic = slots, ctx.device, ctx.deterministic
-        self.batches = _batches(len(ctx.train), slots[0].member.cfg.batch_size)
+        self.batch_size = slots[0].member.cfg.batch_size
+        self.batches = _batches(len(ctx.train), self.batch_size)
+        self.graph: torch.cuda.CUDAGraph | None = None
+        self.graph_failed = False  # a capture failed once: this sub-pack trains eagerly from then on
+        self.warm = 0  # eager full-batch steps since the pack last changed shape
+        # one side stream for the warm-up steps and the capture: state a stream creates lazily (cuBLAS's workspace)
+        # then exists before the capture, not inside it
+        self.side = torch.cuda.Stream(ctx.device) if ctx.graphs else None
         self.packed = _build_pack(slots, ctx.device)
-        self.optimizer = create_optimizer(self.packed.parameters(), [s.member.cfg for s in slots], ctx.device)
+        self.optimizer = create_optimizer(self.packed.parameters(), [s.member.cfg for s in slots], ctx.device,
+                                          static=ctx.graphs)
         self.scaler = torch.amp.GradScaler("cuda", enabled=ctx.dtype == torch.float16 and ctx.device.type == "cuda")
         # shares the parameters (solo trials only: fit_pack turns compiling off for packs)
         self.net = torch.compile(self.packed) if ctx.compile_model else self.packed
@@ -309,6 +330,7 @@ class _PackState:
         self.update_lrs()  # a schedule's own first lr (OneCycle starts at max_lr / 25, not at the optimizer's lr)
 
     def _rebuild(self) -> None:
+        self.graph, self.warm = None, 0  # members joined or left: new tensors, new shapes; capture again
         cfgs = [s.member.cfg for s in self.slots]
         self.loss_fn = create_loss(cfgs, self.device, fused=not self.deterministic)
         self.clip = torch.tensor([c.grad_clip for c in cfgs], device=self.device)
@@ -317,7 +339,10 @@ class _PackState:
 
     def new_epoch(self, n: int, data_device: torch.device) -> None:
         self.orders = torch.stack([torch.randperm(n, generator=s.order_gen) for s in self.slots]).to(data_device)
-        self.loss_sum = torch.zeros(len(self.slots), device=self.device)
+        if getattr(self, "loss_sum", None) is not None and len(self.loss_sum) == len(self.slots):
+            self.loss_sum.zero_()  # in place: a captured step adds to this storage
+        else:
+            self.loss_sum = torch.zeros(len(self.slots), device=self.device)
         if self.per_batch:
             # the epoch's per-batch lrs, stepped on the host up front and copied to the device once: a step then
             # reads its row without a host-to-device copy (one per batch before, with any OneCycle member)
@@ -379,7 +404,7 @@ def _train_epoch(state: _PackState, ctx: _Context, leave: Callable[..., None]) -
                leave=False, disable=not ctx.progress)
     for i, (start, stop) in enumerate(bar):
         state.set_batch_lr(i)
-        _train_step(state, ctx.train, start, stop, ctx.dtype)
+        _step(state, ctx, start, stop)
         if i % CHECK_EVERY == CHECK_EVERY - 1 or i == len(batches) - 1:
             running = (state.loss_sum / stop).tolist()
             bad = [k for k, loss in enumerate(running) if not math.isfinite(loss)]
@@ -425,9 +450,105 @@ def _validate_epoch(state: _PackState, ctx: _Context, leave: Callable[..., None]
         leave(state, leaving)
 
 
-def _train_step(state: _PackState, train: Split, start: int, stop: int, dtype: torch.dtype | None) -> None:
+def _step(state: _PackState, ctx: _Context, start: int, stop: int) -> None:
+    """One training step, eager or as a replayed CUDA graph.
+
+    Why graphs: a pack's eager step is bound by the host's kernel launches, not by the GPU. Measured on one H200
+    (torch 2.11, bf16, 50 steps each; scripts/gpu_step_profile.py), eager against replayed, ms per step: baseline
+    bs 128 K=1 3.61 / 0.53, K=8 7.40 / 2.43, K=32 17.4 / 8.4; stages + 2 blocks, BatchNorm, residual bs 64 K=1
+    16.1 / 2.05; the kernels alone took 0.47, 2.35, 8.65 and 1.77 ms. The graph reads the batch's indices and the
+    lrs from buffers that keep their storage (`state.index`, the static optimizer); the members' generators are
+    registered with it, so every replay draws new augmentations and dropout masks. A last, shorter batch runs eager."""
+    record = ctx.record if ctx.record is not None else PackLog(0)
+    full = stop - start == state.batch_size
+    if state.graph is not None and full:
+        state.index.copy_(state.orders[:, start:stop])
+        state.graph.replay()
+        state.optimizer.count_host_step()
+        record.graph_steps += 1
+        return
+    if not ctx.graphs or state.graph_failed or not full:
+        record.eager_steps += 1
+        _train_step(state, ctx.train, state.orders[:, start:stop], stop - start, ctx.dtype)
+        return
+    main = torch.cuda.current_stream(state.device)
+    state.side.wait_stream(main)
+    if state.warm < GRAPH_WARMUP:  # on the side stream, as torch's whole-network capture recipe warms up
+        with torch.cuda.stream(state.side):
+            _train_step(state, ctx.train, state.orders[:, start:stop], stop - start, ctx.dtype)
+        main.wait_stream(state.side)
+        state.warm += 1
+        record.eager_steps += 1
+        return
+    state.index = state.orders[:, start:stop].clone()
+    state.side.wait_stream(main)
+    steps = list(state.optimizer.steps)
+    graph = torch.cuda.CUDAGraph()
+    drawn = [s.gen for s in state.slots]
+    if any(any(m.p_list) for m in state.packed.modules() if isinstance(m, PackedDropout)):
+        drawn += [s.dropout_gen for s in state.slots]  # each registered generator costs launches at every replay
+    for gen in drawn:  # each replay advances these as the eager step would
+        graph.register_generator_state(gen)
+    try:
+        # by hand, not `torch.cuda.graph`: that one also runs gc.collect() and empty_cache() at every capture, and a
+        # study captures again whenever a pack's members change
+        with torch.cuda.stream(state.side):
+            graph.capture_begin()
+            try:
+                _train_step(state, ctx.train, state.index, stop - start, ctx.dtype)  # recorded; nothing runs
+            finally:
+                graph.capture_end()
+        main.wait_stream(state.side)
+    except Exception as e:
+        cause = _first_cause(e)
+        if is_out_of_memory(e) or is_out_of_memory(cause):
+            raise cause from None  # the runner halves the pack, as for an eager step
+        reason = f"{type(cause).__name__}: {(str(cause).strip().splitlines() or [''])[0][:160]}"
+        del graph
+        torch.cuda.synchronize(state.device)
+        _recover_from_capture(state, steps)
+        state.graph_failed = True
+        record.graph_failures.append(reason)
+        ctx.log(f"a CUDA graph of the training step could not be captured ({reason}); this pack trains eagerly")
+        record.eager_steps += 1
+        _train_step(state, ctx.train, state.orders[:, start:stop], stop - start, ctx.dtype)
+        return
+    state.graph = graph
+    graph.replay()  # the capture recorded this batch's step; the replay runs it
+    record.graph_steps += 1
+
+
+def _first_cause(e: BaseException) -> BaseException:
+    """The error that broke a capture: capture_end's own ("operation failed due to a previous error during capture")
+    hides it in the exception's context."""
+    while e.__cause__ is not None or e.__context__ is not None:
+        e = e.__cause__ or e.__context__  # type: ignore[assignment]
+    return e
+
+
+def _recover_from_capture(state: _PackState, steps: list[int]) -> None:
+    """Undo what a failed capture left behind, so the step can run eagerly: the host's step count it advanced for a
+    step that never ran, the gradients it set to None, and the generators, which a failed capture can leave in
+    capture mode (their next eager draw raises): each member gets new generators in the same states."""
+    state.optimizer.pack.steps = steps
+    state.optimizer.zero_grad(set_to_none=True)
+
+    def fresh(gen: torch.Generator) -> torch.Generator:
+        new = torch.Generator(device=gen.device)
+        try:
+            new.set_state(gen.get_state())
+        except RuntimeError:  # its state is unreadable too: the member's stream restarts from its seed
+            new.manual_seed(gen.initial_seed())
+        return new
+
+    for slot in state.slots:
+        slot.gen, slot.dropout_gen = fresh(slot.gen), fresh(slot.dropout_gen)
+    state.packed.set_dropout_generators([s.dropout_gen for s in state.slots])
+
+
+def _train_step(state: _PackState, train: Split, idx: torch.Tensor, batch: int, dtype: torch.dtype | None) -> None:
+    """The step itself, on the batch whose per-member image indices are `idx` [K, B] (B = `batch`)."""
     device, k = state.device, len(state.slots)
-    idx = state.orders[:, start:stop]
     images = train.images[idx]  # [K, B, C, H, W] uint8
     xs = [s.augment(images[j].to(device, non_blocking=True), s.gen) for j, s in enumerate(state.slots)]
     x = (xs[0] if k == 1 else torch.cat(xs, 1)).contiguous(memory_format=torch.channels_last)  # [B, K*C, H, W]
@@ -443,7 +564,7 @@ def _train_step(state: _PackState, train: Split, start: int, stop: int, dtype: t
         clip_grad_norm_per_member(state.packed.parameters(), state.clip, k)
     scaler.step(state.optimizer)
     scaler.update()
-    state.loss_sum += losses.detach() * (stop - start)
+    state.loss_sum += losses.detach() * batch
 
 
 def _end_epoch(slot: _Slot, train_loss: float, val_acc: float, ctx: _Context, packed: nn.Module, k: int) -> bool:

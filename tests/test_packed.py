@@ -217,6 +217,37 @@ def test_vectorised_updates_match_torchs_optimizers(pack_kernels):
         assert torch.allclose(packed.detach()[i * rows:(i + 1) * rows], solos[i].detach(), atol=1e-6), cfg.optimizer
 
 
+def test_the_static_update_a_cuda_graph_replays_matches_torchs_optimizers():
+    """The update bench.train captures as a CUDA graph (static: lrs and Adam's step count read from device tensors
+    that keep their storage) matches torch's optimizers while every member's lr changes at every step, and a replay
+    (device work with the host's step count advanced apart) would read the same storage."""
+    k, rows = len(OPTIMIZER_CONFIGS), 3
+    gen = torch.Generator().manual_seed(1)
+    packed = torch.nn.Parameter(torch.randn(k * rows, 4, 3, 3, generator=gen))
+    solos = [torch.nn.Parameter(packed.detach()[i * rows:(i + 1) * rows].clone()) for i in range(k)]
+    with fused_packs_on_cpu():  # the vectorised update CUDA runs
+        ours = PackedOptimizer([packed], OPTIMIZER_CONFIGS, CPU, static=True)
+        theirs = [solo_optimizer([p], c) for c, p in zip(OPTIMIZER_CONFIGS, solos, strict=True)]
+        storage = ours.pack.lr_buffer.data_ptr()
+        for step in range(10):
+            lrs = [c.lr * (0.5 + 0.1 * ((step + i) % 4)) for i, c in enumerate(OPTIMIZER_CONFIGS)]
+            ours.set_lr(lrs, torch.tensor(lrs))  # a row of the epoch's lr table, as a per-batch schedule sets it
+            grad = torch.randn(k * rows, 4, 3, 3, generator=gen)
+            packed.grad = grad.clone()
+            ours.pack.steps = [1] * k  # frozen, as a replayed graph leaves the host's count: only the device's counts
+            ours.step()
+            for i, (p, opt) in enumerate(zip(solos, theirs, strict=True)):
+                opt.param_groups[0]["lr"] = lrs[i]
+                p.grad = grad[i * rows:(i + 1) * rows].clone()
+                opt.step()
+    assert ours.pack.lr_buffer.data_ptr() == storage and ours.lrs == lrs
+    assert ours.pack.steps_tensor.tolist() == [10.0] * k
+    for i, cfg in enumerate(OPTIMIZER_CONFIGS):
+        assert torch.allclose(packed.detach()[i * rows:(i + 1) * rows], solos[i].detach(), atol=1e-6), cfg.optimizer
+    ours.count_host_step()  # what bench.train does after a replay
+    assert ours.steps == [3] * k and ours.pack.steps_tensor.tolist() == [10.0] * k
+
+
 def test_compaction_keeps_the_remaining_members_optimizer_state(pack_kernels):
     k, rows = 4, 2
     p = torch.nn.Parameter(torch.randn(k, rows, 5))
@@ -453,3 +484,19 @@ def test_out_of_memory_retries_after_the_failed_pack_is_released(rgb_folder, cac
     run_packs(study, trainer, 4, pack=4, gate=gate, say=said.append)
     assert failed_packs and any("halving it to 2" in line for line in said)
     assert len(study.trials) == 4 and all(t.state.name in ("COMPLETE", "PRUNED") for t in study.trials)
+
+
+def test_the_pack_benchmark_prints_each_pack_and_its_graph_steps(tmp_path, capsys):
+    """`bench.perf --pack` end to end on a tiny ImageFolder: a row per pack size and kernel path; the graph-steps
+    column reads '-' off CUDA (bench.train replays captured graphs on CUDA only)."""
+    from bench.perf import main
+
+    root = make_image_folder(tmp_path / "rgb", per_class=20, test_per_class=4)
+    assert main(["--dataset", str(root), "--cache-dir", str(tmp_path / "cache"), "--device", "cpu", "--epochs", "1",
+                 "--paths", "harness", "--pack", "1,2", "--quiet", "--precision", "fp32"]) == 0
+    out = capsys.readouterr().out
+    table = out[out.index("pack K "):].splitlines()
+    assert "graph steps" in table[0]
+    rows = [line.split() for line in table[1:4]]
+    assert [(r[0], r[1]) for r in rows] == [("1", "solo"), ("2", "per"), ("2", "fused")]
+    assert all(r[-1] == "-" for r in rows) and "capture failed" not in out

@@ -180,7 +180,8 @@ class _Context:
     packed_run: bool
     deterministic: bool = False
     graphs: bool = False  # replay each sub-pack's full-batch step as a CUDA graph (see _step)
-    record: PackLog | None = None  # where the steps are counted (graph replays, eager steps, failed captures)
+    # where the steps are counted (graph replays, eager steps, failed captures)
+    record: PackLog = field(default_factory=lambda: PackLog(0))
 
 
 @dataclass
@@ -459,7 +460,7 @@ def _step(state: _PackState, ctx: _Context, start: int, stop: int) -> None:
     16.1 / 2.05; the kernels alone took 0.47, 2.35, 8.65 and 1.77 ms. The graph reads the batch's indices and the
     lrs from buffers that keep their storage (`state.index`, the static optimizer); the members' generators are
     registered with it, so every replay draws new augmentations and dropout masks. A last, shorter batch runs eager."""
-    record = ctx.record if ctx.record is not None else PackLog(0)
+    record = ctx.record
     full = stop - start == state.batch_size
     if state.graph is not None and full:
         state.index.copy_(state.orders[:, start:stop])
@@ -472,8 +473,8 @@ def _step(state: _PackState, ctx: _Context, start: int, stop: int) -> None:
         _train_step(state, ctx.train, state.orders[:, start:stop], stop - start, ctx.dtype)
         return
     main = torch.cuda.current_stream(state.device)
-    state.side.wait_stream(main)
     if state.warm < GRAPH_WARMUP:  # on the side stream, as torch's whole-network capture recipe warms up
+        state.side.wait_stream(main)
         with torch.cuda.stream(state.side):
             _train_step(state, ctx.train, state.orders[:, start:stop], stop - start, ctx.dtype)
         main.wait_stream(state.side)

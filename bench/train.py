@@ -195,6 +195,9 @@ class PackLog:
     graph_steps: int = 0  # steps replayed from a captured CUDA graph
     eager_steps: int = 0
     graph_failures: list[str] = field(default_factory=list)  # why a capture failed (that sub-pack then ran eager)
+    # each sub-pack epoch in turn: (member-images trained by the members that finished it, its training seconds); a
+    # later epoch's figure is the steady speed, without the first epoch's cuDNN tuning and graph capture
+    epoch_times: list[tuple[int, float]] = field(default_factory=list)
 
 
 def fit_pack(members: Sequence[Member], splits: Splits, *, device: torch.device, precision: str = "auto",
@@ -420,6 +423,7 @@ def _train_epoch(state: _PackState, ctx: _Context, leave: Callable[..., None]) -
     elapsed = time.perf_counter() - state.epoch_start
     state.epoch_start = math.nan
     state.epoch_seconds = elapsed
+    ctx.record.epoch_times.append((len(state.slots) * batches[-1][1], elapsed))
     for slot in state.slots:
         slot.train_time += elapsed
         slot.images += batches[-1][1]

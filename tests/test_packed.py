@@ -488,15 +488,29 @@ def test_out_of_memory_retries_after_the_failed_pack_is_released(rgb_folder, cac
 
 def test_the_pack_benchmark_prints_each_pack_and_its_graph_steps(tmp_path, capsys):
     """`bench.perf --pack` end to end on a tiny ImageFolder: a row per pack size and kernel path; the graph-steps
-    column reads '-' off CUDA (bench.train replays captured graphs on CUDA only)."""
+    column reads '-' off CUDA (bench.train replays captured graphs on CUDA only); with 2 epochs the last epoch's
+    speed stands beside the whole run's, and the best K is named for both."""
     from bench.perf import main
 
     root = make_image_folder(tmp_path / "rgb", per_class=20, test_per_class=4)
-    assert main(["--dataset", str(root), "--cache-dir", str(tmp_path / "cache"), "--device", "cpu", "--epochs", "1",
+    assert main(["--dataset", str(root), "--cache-dir", str(tmp_path / "cache"), "--device", "cpu", "--epochs", "2",
                  "--paths", "harness", "--pack", "1,2", "--quiet", "--precision", "fp32"]) == 0
     out = capsys.readouterr().out
     table = out[out.index("pack K "):].splitlines()
-    assert "graph steps" in table[0]
+    assert "graph steps" in table[0] and table[0].endswith("last epoch img/s")
     rows = [line.split() for line in table[1:4]]
     assert [(r[0], r[1]) for r in rows] == [("1", "solo"), ("2", "per"), ("2", "fused")]
-    assert all(r[-1] == "-" for r in rows) and "capture failed" not in out
+    assert all(r[-2] == "-" and float(r[-1].replace(",", "")) > 0 for r in rows) and "capture failed" not in out
+    assert any(line.startswith("best K=") and "in the last epoch" in line for line in table)
+
+
+def test_a_pack_log_times_each_epoch_of_each_sub_pack(splits):
+    """PackLog.epoch_times: one entry per sub-pack epoch, counting the member-images of the members that finished it
+    (the last epoch's entry is the benchmark's steady speed)."""
+    cfgs = [BASELINE.replace(epochs=2, batch_size=16), BASELINE.replace(epochs=2, batch_size=16),
+            BASELINE.replace(epochs=1, batch_size=16, extra_blocks=1)]
+    members = [member(splits, c, s) for s, c in enumerate(cfgs)]
+    record = fit_pack(members, splits, device=torch.device("cpu"), precision="fp32", progress=False)
+    n = len(splits.train)
+    assert sorted(images for images, _ in record.epoch_times) == [n, 2 * n, 2 * n]
+    assert all(seconds > 0 for _, seconds in record.epoch_times)

@@ -214,10 +214,11 @@ def test_two_concurrent_matrix_runs_leave_no_duplicate_cell(rgb_folder, cache_di
     assert sum(ran) == len(cells)
 
 
-def test_stop_after_ends_after_the_running_cell_and_the_same_command_completes(rgb_folder, cache_dir, tmp_path,
-                                                                                 monkeypatch, capsys):
-    """--stop-after 2 with every trial taking 50 s (a fake clock): trials start at 0, 50 and 100 s, the third
-    finishes past the 2 minutes and is recorded, then the run exits 0; reruns complete the design, nothing twice."""
+def test_stop_after_ends_after_the_running_trial_and_the_same_command_completes(rgb_folder, cache_dir, tmp_path,
+                                                                                  monkeypatch, capsys):
+    """--stop-after 2 with every trial (one seed of a cell) taking 70 s on a fake clock: trials start at 0 and 70 s,
+    the second finishes past the 2 minutes and is recorded, then the run exits 0 in the middle of a 3-seed level;
+    reruns pick up at the next seed and complete the design, nothing twice."""
     import types
 
     import bench.matrix as matrix_module
@@ -225,28 +226,35 @@ def test_stop_after_ends_after_the_running_cell_and_the_same_command_completes(r
     from bench.schema import Attr
 
     _small_design(monkeypatch)
-    clock = [0.0]
-    monkeypatch.setattr(matrix_module, "time", types.SimpleNamespace(monotonic=lambda: clock[0]))
+    clock, reads = [0.0], [0]
+
+    def monotonic() -> float:
+        reads[0] += 1
+        assert reads[0] < 200, "the run never stopped"  # a loop that ignores its deadline fails here, not hangs
+        return clock[0]
+
+    monkeypatch.setattr(matrix_module, "time", types.SimpleNamespace(monotonic=monotonic))
     real_fit = bench.objective.fit_pack
 
-    def fifty_seconds(*a, **k):
-        clock[0] += 50.0
+    def seventy_seconds(*a, **k):
+        clock[0] += 70.0
         return real_fit(*a, **k)
 
-    monkeypatch.setattr(bench.objective, "fit_pack", fifty_seconds)
+    monkeypatch.setattr(bench.objective, "fit_pack", seventy_seconds)
     args, storage = _matrix_args(rgb_folder, cache_dir, tmp_path)
     args += ["--stop-after", "2"]
-    for piece in (1, 2, 3):
+    for piece, (trials, cells) in enumerate([(2, 0), (4, 1), (6, 2), (8, 2)], start=1):
         assert run_cli(main, args) == 0
         out = capsys.readouterr().out
         study = optuna.load_study(study_name="m", storage=storage)
-        assert [t.state.name for t in study.trials] == ["COMPLETE"] * 3 * piece  # the running cell finished
-        if piece < 3:
-            assert f"{3 * piece} of 9 trials" in out and "rerun the same command to continue" in out
-            assert f"{piece} of 3 cells done" in out
+        assert [t.state.name for t in study.trials] == ["COMPLETE"] * trials, piece  # the running trial finished
+        assert f"{cells} of 3 cells done ({trials} of 9 trials)" in out and "rerun the same command to continue" in out
+    assert run_cli(main, args) == 0
+    out = capsys.readouterr().out
     assert "[matrix] 9 of 9 trials done" in out and "rerun" not in out
+    study = optuna.load_study(study_name="m", storage=storage)
     runs = [(t.user_attrs[Attr.CELL], t.user_attrs[Attr.SEED]) for t in study.trials]
-    assert len(runs) == len(set(runs)) == 9  # no cell run twice
+    assert len(runs) == len(set(runs)) == 9  # no (cell, seed) run twice
     assert run_cli(main, args) == 0 and len(optuna.load_study(study_name="m", storage=storage).trials) == 9
 
 

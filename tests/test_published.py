@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-import shutil
+import sqlite3
+from contextlib import closing
 from pathlib import Path
 
 import optuna
@@ -20,11 +21,12 @@ pytestmark = pytest.mark.skipif(not STUDY.exists() or not (REPORT / "matrix.csv"
 
 
 def test_matrix_csv_regenerates_from_the_committed_study(tmp_path):
-    db = tmp_path / "copy.db"  # never write to the committed file
-    shutil.copy(STUDY, db)
+    db = tmp_path / "copy.db"  # never write to the committed file; a consistent snapshot while a matrix run writes it
+    with closing(sqlite3.connect(f"file:{STUDY}?mode=ro", uri=True)) as src, closing(sqlite3.connect(db)) as dst:
+        src.backup(dst)
     study = optuna.load_study(study_name="cifar10-matrix", storage=f"sqlite:///{db}")
     write_report(study, tmp_path / "out", fmt="markdown")
-    for name in ("matrix.csv", "cumulative.csv", "cost.csv", "matrix.md"):
+    for name in ("matrix.csv", "cumulative.csv", "cost.csv", "trials.csv", "matrix.md"):
         if (REPORT / name).exists() or (tmp_path / "out" / name).exists():
             assert (tmp_path / "out" / name).read_text() == (REPORT / name).read_text(), f"{name} drifted from the study"
 

@@ -14,9 +14,12 @@ from scipy import stats as sps
 from bench.analysis import (
     BASELINE_CELL,
     COST_KINDS,
+    NOT_RECORDED,
+    CellData,
     cost_frame,
     matrix_frame,
     pareto_front_rows,
+    precision_note,
     trials_frame,
 )
 from bench.errors import run_cli
@@ -150,15 +153,21 @@ def test_seeds_of_mixed_precision_are_named_on_their_rows_and_counted_in_the_sum
     matrix, unlabelled = matrix_of(study), matrix_of(study_with())
     numbers = ["n", "mean_acc", "acc_low", "diff", "diff_low", "diff_high", "p_raw", "p_holm", "verdict"]
     pd.testing.assert_frame_equal(matrix[numbers], unlabelled[numbers])
-    assert not unlabelled["note"].fillna("").str.contains("mixed precision").any()
+    assert not unlabelled["note"].fillna("").str.contains("precision").any()
     ls = row(matrix, "label smoothing 0.1")
     assert ls["n"] == 5 and ls["verdict"] == "supported"
-    assert ("trained in mixed precision: fp32 (seeds 3, 4), not recorded (seeds 0, 1, 2); "
+    # one recorded precision beside unrecorded seeds: unknown, not called mixed, and every seed named
+    assert ("precision not recorded for some seeds (they may mix): fp32 (seeds 3, 4), not recorded (seeds 0, 1, 2); "
             "reference: not recorded (seeds 0, 1, 2, 3, 4)") in ls["note"]
-    dropout = row(matrix, "Dropout 0.3")  # every seed bf16 and its reference unrecorded: also mixed, named
-    assert "trained in mixed precision: bf16 (seeds 0, 1, 2, 3, 4); reference: not recorded" in dropout["note"]
-    assert "mixed precision" not in row(matrix, "MSE")["note"]  # neither it nor its reference recorded: one kind
-    assert "mixed precision" not in row(matrix, BASELINE_CELL)["note"]
+    dropout = row(matrix, "Dropout 0.3")  # every seed bf16 and its reference unrecorded: named the same way
+    assert "(they may mix): bf16 (seeds 0, 1, 2, 3, 4); reference: not recorded" in dropout["note"]
+    assert "precision" not in row(matrix, "MSE")["note"]  # neither it nor its reference recorded: one kind
+    assert "precision" not in row(matrix, BASELINE_CELL)["note"]
+    assert not matrix["note"].fillna("").str.contains("trained in mixed precision").any()
+    two = CellData({0: 60.0, 1: 61.0, 2: 62.0}, precisions={0: "fp32", 1: "bf16", 2: NOT_RECORDED})
+    assert precision_note(two, None) == ("trained in mixed precision: bf16 (seed 1), fp32 (seed 0), "
+                                         "not recorded (seed 2)")
+    assert precision_note(CellData({0: 60.0}, precisions={0: "bf16"}), CellData({0: 59.0}, precisions={0: "bf16"})) is None
     summary = dict(summary_items(study, trials_frame(study, SPACE)))
     assert summary["precision"] == "bf16 5 trials, fp32 2 trials, not recorded 17 trials"
 

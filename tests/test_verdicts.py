@@ -153,6 +153,24 @@ def test_other_data_gets_numbers_but_no_verdict_on_claims_about_cifar10(attrs, s
         assert (focal["verdict"] == "claim is about CIFAR-10 or Fashion-MNIST").all()
 
 
+def test_absolute_levels_name_the_copy_of_the_data_they_were_measured_on():
+    """A claim on an accuracy level (C1, C2, C3-80) is judged on the study's copy of CIFAR-10, and its row says which
+    copy and that a re-encoded one can score under the release; a difference from a reference carries no such note."""
+    rng = np.random.default_rng(0)
+    cells = cells_from(simulate(dict.fromkeys(CELLS, 70.0), rng))
+    matrix = matrix_frame(EMPTY, cells=cells, data_attrs={**CIFAR10, "bench.dataset": "../shared/data/cifar10-jpeg"})
+    judged = matrix[matrix["verdict"].isin(VERDICTS)]
+    accuracy_ids = {"C1-5", "C1-20", "C2", "C3-80"}
+    on_levels = judged[judged["claim_id"].isin(accuracy_ids)]
+    assert len(on_levels) == 4
+    named = "measured on this study's copy of CIFAR-10 (cifar10-jpeg): a re-encoded copy can score"
+    assert on_levels["note"].str.contains(named, regex=False).all()
+    others = judged[~judged["claim_id"].isin(accuracy_ids)]
+    assert len(others) > 10 and not others["note"].str.contains("copy of", regex=False).any()
+    plain = matrix_frame(EMPTY, cells=cells, data_attrs=CIFAR10)  # no --dataset recorded: the copy is not named
+    assert plain[plain["claim_id"] == "C2"]["note"].str.contains("copy of CIFAR-10: a re-encoded", regex=False).all()
+
+
 def test_fully_diverged_reference_gives_no_verdict_and_names_its_seeds():
     nan = math.nan
     cells = cells_from({"baseline": [nan] * 5, "Dropout 0.3": [60.0, 61.0, 59.0, 62.0, 60.5],

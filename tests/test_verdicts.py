@@ -11,6 +11,7 @@ import pytest
 
 from bench.analysis import CellData, load_claims, matrix_frame
 from bench.design import design, resolve_reference
+from bench.schema import StudyAttr
 from bench.space import BUDGET_TIERS
 from bench.stats import claim_test, holm, mean_interval, paired_diff
 from tests.test_report import CIFAR10
@@ -158,7 +159,7 @@ def test_absolute_levels_name_the_copy_of_the_data_they_were_measured_on():
     copy and that a re-encoded one can score under the release; a difference from a reference carries no such note."""
     rng = np.random.default_rng(0)
     cells = cells_from(simulate(dict.fromkeys(CELLS, 70.0), rng))
-    matrix = matrix_frame(EMPTY, cells=cells, data_attrs={**CIFAR10, "bench.dataset": "../shared/data/cifar10-jpeg"})
+    matrix = matrix_frame(EMPTY, cells=cells, data_attrs={**CIFAR10, StudyAttr.DATASET: "../shared/data/cifar10-jpeg"})
     judged = matrix[matrix["verdict"].isin(VERDICTS)]
     accuracy_ids = {"C1-5", "C1-20", "C2", "C3-80"}
     on_levels = judged[judged["claim_id"].isin(accuracy_ids)]
